@@ -1,0 +1,142 @@
+"""CIFAR-10 from JPEG folders, decoded once into a cached uint8 array; and the embedded sample.
+
+Layout: ROOT/{train,test}/<class>/*.jpg, classes in alphabetical order = the standard CIFAR-10 labels.
+The root is `--data-root` / `$GHNQ_DATA_ROOT`, defaulting to `../shared/data/cifar10-jpeg` beside the
+project. The decoded arrays are cached under `$GHNQ_CACHE` (default `~/.cache/ghnq`), keyed by a hash of
+the folder's file list (names and sizes), so a changed folder is decoded again. Images are uint8 NHWC.
+
+When no data root exists, `load_eval_images` falls back to the embedded sample shipped in the package
+(512 test images) and says so: calibration, export and verification then still work on real images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ghnq.cli import UserError
+from ghnq.fileio import atomic_write
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# Per-channel statistics of the CIFAR-10 training set (pixels in [0, 1]); models see (x - MEAN) / STD.
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_PATH = Path(__file__).resolve().parent / "assets" / "cifar10_test_sample.npz"
+
+
+def default_data_root() -> Path:
+    env = os.environ.get("GHNQ_DATA_ROOT")
+    if env:
+        return Path(env)
+    return PROJECT_ROOT.parent / "shared" / "data" / "cifar10-jpeg"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GHNQ_CACHE", Path.home() / ".cache" / "ghnq"))
+
+
+def _list_files(split_dir: Path) -> list[tuple[int, Path]]:
+    files = []
+    for label, cls in enumerate(CLASSES):
+        folder = split_dir / cls
+        if not folder.is_dir():
+            raise UserError(f"{split_dir}: class folder '{cls}' missing; expected one folder per class: "
+                            f"{', '.join(CLASSES)}")
+        files += [(label, p) for p in sorted(folder.iterdir()) if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    if not files:
+        raise UserError(f"{split_dir}: no images found")
+    return files
+
+
+def _decode(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def load_cifar10(split: str, root: str | os.PathLike | None = None, progress: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """All images of a split as (uint8 [N, H, W, 3], int64 [N]); decoded once, then read from the cache."""
+    if split not in ("train", "test"):
+        raise UserError(f"split: got {split!r}; allowed: train, test")
+    root = Path(root) if root is not None else default_data_root()
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise UserError(f"{split_dir}: data folder not found; set --data-root or GHNQ_DATA_ROOT to a folder "
+                        "holding train/ and test/ with one sub-folder per class")
+    files = _list_files(split_dir)
+    key = hashlib.sha256()
+    for label, p in files:
+        key.update(f"{label}/{p.name}/{p.stat().st_size}\n".encode())
+    cache = cache_dir() / f"cifar10-{split}-{key.hexdigest()[:16]}.npz"
+    if cache.exists():
+        try:
+            with np.load(cache) as z:
+                return z["images"], z["labels"]
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache is rebuilt below
+    from tqdm import tqdm
+
+    images = np.stack([_decode(p) for _, p in tqdm(files, desc=f"decoding CIFAR-10 {split}", unit="img",
+                                                    disable=not progress, mininterval=1.0)])
+    labels = np.array([label for label, _ in files], dtype=np.int64)
+
+    def write(f: io.BufferedWriter) -> None:
+        np.savez(f, images=images, labels=labels)
+
+    atomic_write(cache, write)
+    return images, labels
+
+
+def load_sample() -> tuple[np.ndarray, np.ndarray]:
+    """The embedded sample: 512 CIFAR-10 test images shipped with the package."""
+    with np.load(SAMPLE_PATH) as z:
+        return z["images"], z["labels"]
+
+
+def load_eval_images(n: int | None = None, root: str | os.PathLike | None = None, split: str = "test",
+                     quiet: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+    """Up to `n` real images for calibration/verification: the data root when it exists, else the sample.
+
+    Returns (images, labels, source) where source says where they came from (for reports).
+    The subset is the first `n` of a fixed class-interleaved order, so it is balanced and repeatable.
+    """
+    root = Path(root) if root is not None else default_data_root()
+    if (root / split).is_dir():
+        images, labels = load_cifar10(split, root, progress=not quiet)
+        source = f"{root / split}"
+    else:
+        if not quiet:
+            print(f"note: no CIFAR-10 data at {root / split}; using the embedded sample of "
+                  f"{len(load_sample()[1])} test images", file=sys.stderr)
+        images, labels = load_sample()
+        source = "embedded sample (ghnq/assets/cifar10_test_sample.npz)"
+    order = interleaved_order(labels)
+    if n is not None:
+        order = order[:n]
+    return images[order], labels[order], source
+
+
+def interleaved_order(labels: np.ndarray) -> np.ndarray:
+    """Indices taking one image of each class in turn: any prefix is class-balanced."""
+    per_class = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
+    rank = np.empty(len(labels), dtype=np.int64)
+    for idx in per_class:
+        rank[idx] = np.arange(len(idx))
+    return np.lexsort((labels, rank))
+
+
+def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC → normalized float32 NCHW, the input every model in this toolkit takes."""
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std

@@ -1,0 +1,84 @@
+"""Draw random valid specs from the spec grammar: GHN-Q's training space.
+
+Seeded and deterministic: `sample_spec(random.Random(seed))` gives the same spec on every machine.
+Every drawn spec passes `validate_spec`, and its multiply-accumulate count stays under `max_macs`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+
+import torch
+
+from ghnq.spec import ACTS, BLOCKS, build_model, summarize, validate_spec
+
+
+@dataclass
+class SamplerConfig:
+    stages: tuple[int, int] = (2, 5)          # number of stages
+    repeat: tuple[int, int] = (1, 3)          # blocks per stage
+    stem_width: tuple[int, int] = (8, 32)
+    width: tuple[int, int] = (16, 192)        # stage output channels
+    max_macs: float = 60e6                    # per 32×32 image; keeps a meta-batch affordable on a CPU
+    input: tuple[int, int, int] = (3, 32, 32)
+    num_classes: int = 10
+
+
+def _round8(x: float) -> int:
+    return max(8, int(round(x / 8)) * 8)
+
+
+def _draw(rng: random.Random, cfg: SamplerConfig) -> dict:
+    n_stages = rng.randint(*cfg.stages)
+    width = _round8(rng.randint(*cfg.stem_width))
+    spec: dict = {
+        "input": list(cfg.input),
+        "num_classes": cfg.num_classes,
+        "stem": {"out": width, "kernel": rng.choice([3, 3, 5]), "stride": 1, "act": rng.choice(ACTS[:3])},
+        "stages": [],
+        "head": {"hidden": rng.choice([0, 0, 0, 128]), "dropout": 0.0},
+    }
+    lo, hi = cfg.width
+    for i in range(n_stages):
+        # Widths grow with depth, like every hand-designed CNN.
+        frac = (i + 1) / n_stages
+        width = _round8(min(hi, max(lo, rng.uniform(lo + (hi - lo) * frac * 0.3, lo + (hi - lo) * frac))))
+        block = rng.choice(BLOCKS)
+        stage: dict = {"block": block, "out": width, "kernel": rng.choice([1, 3, 3, 3, 5, 7]) if block == "conv"
+                       else rng.choice([3, 3, 5, 7]),
+                       "stride": 2 if (i > 0 and rng.random() < 0.6) or (i == 0 and rng.random() < 0.2) else 1,
+                       "act": rng.choice(ACTS[:3]), "repeat": rng.randint(*cfg.repeat)}
+        if block == "mbconv":
+            stage["expand"] = rng.choice([1, 3, 4, 6])
+            stage["se"] = rng.random() < 0.3
+        elif block == "bottleneck":
+            stage["expand"] = rng.choice([0.25, 0.5])
+        spec["stages"].append(stage)
+    return spec
+
+
+def spec_macs(spec: dict) -> int:
+    """MACs of one image, computed on the meta device (no memory, no arithmetic)."""
+    with torch.device("meta"):
+        model = build_model(spec)
+    return summarize(model, spec["input"])["macs"]
+
+
+def sample_spec(rng: random.Random, cfg: SamplerConfig | None = None, max_tries: int = 200) -> dict:
+    """One random valid spec (normalized, defaults filled) under the MAC budget."""
+    cfg = cfg or SamplerConfig()
+    for _ in range(max_tries):
+        spec = validate_spec(_draw(rng, cfg), source="<sampler>")
+        if spec_macs(spec) <= cfg.max_macs:
+            spec["name"] = "s-" + spec_hash(spec)[:10]
+            return spec
+    raise RuntimeError(f"sampler found no spec under {cfg.max_macs:.0f} MACs in {max_tries} tries")
+
+
+def spec_hash(spec: dict) -> str:
+    """A content hash of the architecture (the name is ignored): identifies held-out specs."""
+    body = {k: v for k, v in spec.items() if k != "name"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
