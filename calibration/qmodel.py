@@ -1,0 +1,283 @@
+"""The QuantizedModel: the one object that carries every quantization parameter of a network.
+
+Calibration (`calibration.convert`) decides every scale and zero point once and writes them here; the
+fake-quant simulation (`calibration.sim`), the integer reference (`calibration.reference`) and every
+exporter (`export/`) read them from here and never choose numbers of their own.
+
+Conventions (the contract exporters code against)
+--------------------------------------------------
+Graph
+  `qm.ops` is the integer graph: a topologically ordered list of `Op`; each op maps 1:1 to one integer
+  kernel (a TFLite builtin / an XNNPACK op). Exporters translate op by op; the sim and the integer
+  reference execute the same list. `qm.input` / `qm.output` name the graph's input and output tensors.
+
+Tensors (`qm.tensors`, name → `Tensor`)
+  Every tensor is quantized: `scale` (float32 array), `zero_point` (int64 array), `axis` (quantized
+  dimension for per-channel tensors, else None), `dtype` ("int8" or "int32"), `bits`.
+  * Activations (`data is None`): per-tensor asymmetric, one float32 scale and one zero point in
+    [-128, 127]; `bits` 8 (4 exists in the simulation only; exporters and the reference refuse it).
+    Shapes are logical NHWC `[1, H, W, C]` for 4-D and `[1, C]` for 2-D (the integer graph's layout;
+    the batch dimension is stored as 1, runtimes may batch). `rmin`/`rmax` record the float range the
+    observer chose (provenance only; scale/zero_point are the truth).
+  * Weights (`data` int8): per-output-channel symmetric, zero point 0, values in
+    [-(2^(b-1)-1), 2^(b-1)-1] for weight bits b in {8, 6, 4, 2}, `axis` 0. Stored in TORCH layout:
+    conv2d [O, I, kh, kw]; depthwise_conv2d [C*m, 1, kh, kw]; fully_connected [O, I]. The TFLite writer
+    transposes (conv → OHWI, depthwise → [1, kh, kw, C*m] quantized on dim 3).
+  * Biases (`data` int32, shape [O], `axis` 0, zero point 0): scale[c] = float32(s_in) * float32(s_w[c])
+    multiplied in float32 (as the TFLite converter does); writers copy `scale` bit for bit.
+  * Constants of elementwise ops: none are produced today (hardsigmoid is folded, see below).
+
+Ops (`Op.kind`, inputs, attrs); `attrs["fused"]` in {"none", "relu", "relu6", "relu_0_to_1"}
+  conv2d            [x, w, b]  stride [sh, sw], padding [top, bottom, left, right], dilation [dh, dw], fused
+  depthwise_conv2d  [x, w, b]  as conv2d, plus depth_multiplier (output channel c reads input c // m)
+  fully_connected   [x, w, b]  x is [1, I]; fused
+  add               [a, b]     same shapes; fused
+  mul               [a, b]     b may broadcast ([1, 1, 1, C] against [1, H, W, C]: the SE product); fused none
+  mean              [x]        axes [1, 2] of NHWC, keepdims true → [1, 1, 1, C], false → [1, C]
+  max_pool2d        [x]        kernel [kh, kw], stride, padding; out-of-range positions are excluded (torch and
+                               TFLite SAME semantics); output shares the input's (scale, zp)
+  avg_pool2d        [x]        kernel, stride, padding; divides by the number of in-range positions (TFLite);
+                               output shares the input's (scale, zp)
+  hardswish         [x]        own output (scale, zp), computed as TFLite's int8 HARD_SWISH
+  pad               [x]        padding [top, bottom, left, right], pads with the zero point (real 0);
+                               output shares the input's (scale, zp)
+  reshape           [x]        shape (the output shape); output shares the input's (scale, zp)
+  Padding is explicit: torch's symmetric padding differs from TFLite SAME for stride 2 with even sizes,
+  so the writer decides SAME / VALID / a PAD op from these numbers. Conv padding means real 0 (the zero
+  point); max_pool2d padding means "not a candidate" (a PAD+VALID rewrite is exact only when the input is
+  ≥ real 0, e.g. after ReLU as in ResNet's stem).
+
+Fused activations
+  relu / relu6: the TFLite clamp of the output codes, [max(-128, zp + round(0/s)), min(127, zp + round(6/s))].
+  relu_0_to_1: only on the conv/fc that ends in a folded hardsigmoid. hardsigmoid(z) = relu6(z + 3) / 6 is
+  folded into that layer's float weights (w/6, (b + 3)/6) before quantization, and its output tensor is
+  fixed at scale 1/255, zero point -128, whose int8 range is exactly [0, 1]: the saturating cast alone
+  implements the clamp. TFLite writers write fused RELU (TFLite has no HARD_SIGMOID builtin; this needs no
+  extra op). The SE block is then: mean → conv(relu) → conv(relu_0_to_1) → mul.
+
+Input and output
+  Input tensor: int8 `q = pixel - 128` for uint8 pixels, scale 1/255, zero point -128 (it represents
+  pixel / 255), NHWC [1, H, W, 3]. The dataset normalization (ghnq.data.MEAN/STD) is folded into the first
+  conv's float weights and bias before weight quantization (exact except at zero-padded borders, where
+  torch padded the normalized input with 0 and the folded conv pads the pixel input with 0).
+  Output: the final fully_connected's int8 output tensor (logit codes).
+
+Fixed by calibration so that every runtime agrees (TFLite int8 constraints)
+  max/avg pool, pad, reshape share their input's (scale, zp); the relu_0_to_1 output is (1/255, -128);
+  mean, hardswish, mul, add, conv, fc outputs have their own observed (scale, zp).
+
+Provenance (`qm.meta`)
+  spec (the validated spec dict), name, weights (where the float weights came from), method (activation
+  observer), weight_bits, act_bits, calibration_images (count), calibration_source, bn_recalibrated,
+  float_top1 / notes when known. Exporters copy it into their artifact metadata.
+
+Files
+  `save(qm, path)` writes one `.qm` file atomically: a zip (fixed timestamps, so equal models give equal
+  bytes) holding `graph.json` (ops, tensor metadata, provenance `meta`), one `.npy` per constant and
+  `sha256` = sha256 over graph.json and every array (name, dtype, shape, bytes). `load(path)` recomputes
+  it and refuses an altered or corrupted file with a `UserError`. save → load → save is bit-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ghnq.cli import UserError
+from ghnq.fileio import atomic_write
+
+FORMAT = "ghnq-qm"
+VERSION = 1
+OP_KINDS = ("conv2d", "depthwise_conv2d", "fully_connected", "add", "mul", "mean", "max_pool2d",
+            "avg_pool2d", "hardswish", "pad", "reshape")
+FUSED = ("none", "relu", "relu6", "relu_0_to_1")
+WEIGHT_BITS = (8, 6, 4, 2)
+INPUT_SCALE = float(np.float32(1.0 / 255.0))
+INPUT_ZERO_POINT = -128
+UNIT_SCALE, UNIT_ZERO_POINT = INPUT_SCALE, -128  # the relu_0_to_1 output: int8 range exactly [0, 1]
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+@dataclass
+class Tensor:
+    """One quantized tensor: an activation (data None) or a constant (int8 weights, int32 bias)."""
+
+    name: str
+    shape: list[int]
+    dtype: str  # "int8" | "int32"
+    scale: np.ndarray  # float32 [1] per-tensor, or [C] per-channel along `axis`
+    zero_point: np.ndarray  # int64, same length as scale
+    axis: int | None = None
+    bits: int = 8
+    data: np.ndarray | None = None
+    rmin: float | None = None  # observed float range (activations; provenance only)
+    rmax: float | None = None
+
+    @property
+    def is_const(self) -> bool:
+        return self.data is not None
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) + (1 if self.is_const and self.dtype == "int8" else 0)
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+
+@dataclass
+class Op:
+    """One integer kernel: kind, input/output tensor names, attributes, and the torch module it came from."""
+
+    kind: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # torch module path / fx node, for error messages and per-layer reports
+
+
+@dataclass
+class QuantizedModel:
+    ops: list[Op]
+    tensors: dict[str, Tensor]
+    input: str
+    output: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def weight_keys(self) -> list[str]:
+        """Names of the int8 weight tensors, in op order (the keys simulate()/evolve override)."""
+        return [op.inputs[1] for op in self.ops if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected")]
+
+    def producer(self, name: str) -> Op | None:
+        return next((op for op in self.ops if name in op.outputs), None)
+
+    def validate(self) -> None:
+        """Check the invariants this module documents; raise UserError naming the first broken one."""
+        defined = {self.input} | {n for n, t in self.tensors.items() if t.is_const}
+        for i, op in enumerate(self.ops):
+            where = f"op {i} ({op.kind} from {op.source or '?'})"
+            if op.kind not in OP_KINDS:
+                raise UserError(f"{where}: unknown op kind; allowed: {', '.join(OP_KINDS)}")
+            for name in op.inputs:
+                if name not in self.tensors:
+                    raise UserError(f"{where}: input tensor {name!r} missing from the tensor table")
+                if name not in defined:
+                    raise UserError(f"{where}: input {name!r} is used before any op produces it")
+            if op.attrs.get("fused", "none") not in FUSED:
+                raise UserError(f"{where}: fused={op.attrs['fused']!r}; allowed: {', '.join(FUSED)}")
+            defined.update(op.outputs)
+        for name, t in self.tensors.items():
+            if len(t.scale) != len(t.zero_point) or not np.all(np.isfinite(t.scale)) or np.any(t.scale <= 0):
+                raise UserError(f"tensor {name!r}: bad quantization (scale {t.scale[:4]}, zp {t.zero_point[:4]})")
+            if t.data is not None and str(t.data.dtype) != t.dtype:
+                raise UserError(f"tensor {name!r}: data dtype {t.data.dtype} but declared {t.dtype}")
+        if self.output not in defined:
+            raise UserError(f"output tensor {self.output!r} is never produced")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Save / load
+
+
+def _graph_json(qm: QuantizedModel) -> bytes:
+    tensors = {}
+    for name, t in qm.tensors.items():
+        tensors[name] = {"shape": list(t.shape), "dtype": t.dtype, "bits": t.bits, "axis": t.axis,
+                         "scale": [float(s) for s in np.asarray(t.scale, np.float32)],
+                         "zero_point": [int(z) for z in t.zero_point], "const": t.is_const,
+                         "rmin": t.rmin, "rmax": t.rmax}
+    graph = {"format": FORMAT, "version": VERSION, "input": qm.input, "output": qm.output, "meta": qm.meta,
+             "ops": [{"kind": op.kind, "inputs": op.inputs, "outputs": op.outputs, "attrs": op.attrs,
+                      "source": op.source} for op in qm.ops],
+             "tensors": tensors}
+    return json.dumps(graph, indent=1, sort_keys=True, allow_nan=False).encode()
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _digest(graph: bytes, arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    h.update(graph)
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"\n{name}|{a.dtype.str}|{list(a.shape)}\n".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def to_bytes(qm: QuantizedModel) -> bytes:
+    """The `.qm` file's bytes (deterministic: equal models give equal bytes)."""
+    qm.validate()
+    graph = _graph_json(qm)
+    arrays = {name: t.data for name, t in qm.tensors.items() if t.data is not None}
+    entries = [("graph.json", graph)] + [(f"arrays/{n}.npy", _npy(arrays[n])) for n in sorted(arrays)]
+    entries.append(("sha256", _digest(graph, arrays).encode()))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in entries:
+            info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, data)
+    return buf.getvalue()
+
+
+def save(qm: QuantizedModel, path: str | os.PathLike) -> Path:
+    """Write `qm` to `path` atomically (nothing is left behind if this fails)."""
+    data = to_bytes(qm)
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def load(path: str | os.PathLike) -> QuantizedModel:
+    """Read a `.qm` file, verifying its sha256; UserError for anything missing, altered or corrupted."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such .qm file")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+            if "graph.json" not in names or "sha256" not in names:
+                raise UserError(f"{path}: not a .qm file (graph.json or sha256 entry missing)")
+            graph = z.read("graph.json")
+            stored = z.read("sha256").decode("ascii", "replace").strip()
+            arrays = {n[len("arrays/"):-len(".npy")]: np.lib.format.read_array(io.BytesIO(z.read(n)),
+                                                                              allow_pickle=False)
+                      for n in names if n.startswith("arrays/") and n.endswith(".npy")}
+    except UserError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, ValueError, EOFError, KeyError) as err:
+        raise UserError(f"{path}: corrupted .qm file, cannot be read ({type(err).__name__}: {err})") from None
+    actual = _digest(graph, arrays)
+    if actual != stored:
+        raise UserError(f"{path}: sha256 mismatch, the file was altered or corrupted (stored {stored[:16]}..., "
+                        f"content {actual[:16]}...); recreate it with `python -m calibration`")
+    g = json.loads(graph)
+    if g.get("format") != FORMAT or g.get("version") != VERSION:
+        raise UserError(f"{path}: format {g.get('format')!r} version {g.get('version')!r}; this build reads "
+                        f"{FORMAT!r} version {VERSION}")
+    tensors = {}
+    for name, t in g["tensors"].items():
+        data = arrays.get(name) if t["const"] else None
+        if t["const"] and data is None:
+            raise UserError(f"{path}: constant tensor {name!r} has no array")
+        tensors[name] = Tensor(name=name, shape=list(t["shape"]), dtype=t["dtype"],
+                               scale=np.array(t["scale"], np.float32), zero_point=np.array(t["zero_point"], np.int64),
+                               axis=t["axis"], bits=t["bits"], data=data, rmin=t["rmin"], rmax=t["rmax"])
+    ops = [Op(kind=o["kind"], inputs=list(o["inputs"]), outputs=list(o["outputs"]), attrs=dict(o["attrs"]),
+              source=o["source"]) for o in g["ops"]]
+    qm = QuantizedModel(ops=ops, tensors=tensors, input=g["input"], output=g["output"], meta=g["meta"])
+    qm.validate()
+    return qm
