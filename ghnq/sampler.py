@@ -67,14 +67,29 @@ def spec_macs(spec: dict) -> int:
     return summarize(model, spec["input"])["macs"]
 
 
-def sample_spec(rng: random.Random, cfg: SamplerConfig | None = None, max_tries: int = 200) -> dict:
-    """One random valid spec (normalized, defaults filled) under the MAC budget."""
+def _shrink(spec: dict, factor: float) -> dict:
+    """Scale every width by `factor` (MACs grow ~quadratically with width)."""
+    spec["stem"]["out"] = _round8(spec["stem"]["out"] * factor)
+    for st in spec["stages"]:
+        st["out"] = _round8(st["out"] * factor)
+    return spec
+
+
+def sample_spec(rng: random.Random, cfg: SamplerConfig | None = None, max_tries: int = 50) -> dict:
+    """One random valid spec (normalized, defaults filled) under the MAC budget.
+
+    An over-budget draw is first narrowed (widths × sqrt(budget / MACs)) rather than thrown away, so depth
+    and block choices are not biased towards tiny nets and few draws are wasted.
+    """
     cfg = cfg or SamplerConfig()
     for _ in range(max_tries):
         spec = validate_spec(_draw(rng, cfg), source="<sampler>")
-        if spec_macs(spec) <= cfg.max_macs:
-            spec["name"] = "s-" + spec_hash(spec)[:10]
-            return spec
+        for _shrinks in range(4):
+            macs = spec_macs(spec)
+            if macs <= cfg.max_macs:
+                spec["name"] = "s-" + spec_hash(spec)[:10]
+                return spec
+            spec = validate_spec(_shrink(spec, 0.95 * (cfg.max_macs / macs) ** 0.5), source="<sampler>")
     raise RuntimeError(f"sampler found no spec under {cfg.max_macs:.0f} MACs in {max_tries} tries")
 
 

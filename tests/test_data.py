@@ -1,0 +1,64 @@
+"""CIFAR-10 loading: decode once, cache keyed by the file list, embedded-sample fallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ghnq.cli import UserError
+from ghnq.data import CLASSES, SAMPLE_PATH, default_data_root, interleaved_order, load_cifar10, load_eval_images
+
+
+def _make_folder(root: Path, per_class: int = 2) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in CLASSES:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    root / split / cls / f"{i}.png")
+
+
+def test_decode_cache_and_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GHNQ_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    _make_folder(root)
+    x, y = load_cifar10("test", root, progress=False)
+    assert x.shape == (20, 32, 32, 3) and x.dtype == np.uint8
+    assert list(y) == [c for c in range(10) for _ in range(2)]  # alphabetical class order = labels
+    assert np.array_equal(x[0], np.asarray(Image.open(root / "test" / "airplane" / "0.png")))
+    caches = list((tmp_path / "cache").glob("*.npz"))
+    assert len(caches) == 1
+    # A changed folder (one more image) is decoded again, under a new key.
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "test" / "truck" / "9.png")
+    x2, y2 = load_cifar10("test", root, progress=False)
+    assert len(x2) == 21 and y2[-1] == 9
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    assert not list((tmp_path / "cache").glob(".*tmp"))  # atomic: no temp files left
+
+
+def test_missing_root_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="data folder not found"):
+        load_cifar10("train", tmp_path / "nowhere")
+    (tmp_path / "d" / "train" / "airplane").mkdir(parents=True)
+    with pytest.raises(UserError, match="class folder 'automobile' missing"):
+        load_cifar10("train", tmp_path / "d")
+
+
+def test_embedded_sample_fallback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert SAMPLE_PATH.stat().st_size <= 2_000_000
+    x, y, source = load_eval_images(100, root=tmp_path / "no-data")
+    assert "embedded sample" in source and "embedded sample" in capsys.readouterr().err
+    assert x.shape == (100, 32, 32, 3) and np.bincount(y, minlength=10).tolist() == [10] * 10
+
+
+@pytest.mark.skipif(not (default_data_root() / "test").is_dir(), reason="CIFAR-10 JPEG folder not present")
+def test_real_cifar10_test_split() -> None:
+    x, y = load_cifar10("test")
+    assert x.shape == (10000, 32, 32, 3) and np.bincount(y).tolist() == [1000] * 10
+    sample_x, sample_y = np.load(SAMPLE_PATH)["images"], np.load(SAMPLE_PATH)["labels"]
+    idx = np.sort(interleaved_order(y)[:512])
+    assert np.array_equal(sample_x, x[idx]) and np.array_equal(sample_y, y[idx])  # the sample is real test data
