@@ -51,8 +51,10 @@ test -x "$work/root/usr/bin/python3.11" || { echo "error: no aarch64 python3.11 
 # 2. aarch64 wheels, installed by the host's pip into a folder that goes on PYTHONPATH under qemu.
 plat_args=()
 for p in "${PLATFORMS[@]}"; do plat_args+=(--platform "$p"); done
-$PIP install -q --no-warn-script-location --disable-pip-version-check --target "$work/root/opt/ghnq-wheels" \
-  "${plat_args[@]}" --python-version 3.11 --implementation cp --abi cp311 --only-binary=:all: "${WHEELS[@]}"
+$PIP install --no-warn-script-location --no-warn-conflicts --disable-pip-version-check \
+  --target "$work/root/opt/ghnq-wheels" "${plat_args[@]}" --python-version 3.11 --implementation cp --abi cp311 \
+  --only-binary=:all: "${WHEELS[@]}" >"$work/pip.log" 2>&1 \
+  || { tail -20 "$work/pip.log" >&2; echo "error: pip could not install the aarch64 wheels" >&2; exit 1; }
 
 # 3. LiteRT reads /proc/cpuinfo to pick kernels; the host's x86 one makes it segfault under qemu-user.
 #    qemu-user opens paths inside its -L prefix first, so this file shadows the host's.
