@@ -1,0 +1,428 @@
+"""Float nn.Module → QuantizedModel: trace, fold BN, fold the input normalization, observe, quantize.
+
+Steps (each one a function below, read top to bottom):
+  1. `float_graph`: torch.fx trace (SpecNet and the allow-listed torchvision nets trace as they are), fold
+     every conv → BN pair, then lower the fx graph to the QuantizedModel's op list in float: each fx node
+     becomes one op, an alias (Identity, Dropout) or an activation that is fused into its producer
+     (relu / relu6 into conv / fc / add; hardsigmoid folded into the conv / fc before it, see qmodel.py).
+     Anything else is a UserError naming the node and the supported set.
+  2. `fold_input_normalization`: the graph input becomes pixel / 255; (x − MEAN) / STD moves into the
+     first conv's float weights and bias.
+  3. `observe`: run the float graph on calibration images, one observer per activation tensor.
+  4. `quantize`: per-channel symmetric weights, int32 biases, activation qparams (with TFLite's sharing
+     rules), into a QuantizedModel.
+`calibrate()` in calibration/__init__.py chains them (after optional BN re-estimation).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from tqdm import tqdm
+
+from calibration import observers
+from calibration.bn import fold_conv_bn
+from calibration.qmodel import (
+    INPUT_SCALE,
+    INPUT_ZERO_POINT,
+    WEIGHT_BITS,
+    Op,
+    QuantizedModel,
+    Tensor,
+)
+from calibration.sim import run_ops
+from ghnq.cli import UserError
+from ghnq.data import MEAN, STD
+
+SUPPORTED = ("Conv2d (groups 1 or depthwise), Linear, BatchNorm2d right after a Conv2d, ReLU, ReLU6, Hardswish, "
+             "Hardsigmoid right after a Conv2d/Linear, tensor + tensor, tensor * tensor, AdaptiveAvgPool2d(1), "
+             "mean over H,W, MaxPool2d, AvgPool2d, ZeroPad2d, Flatten/flatten/reshape/view to [N, C], "
+             "Identity, Dropout")
+FUSABLE = ("conv2d", "depthwise_conv2d", "fully_connected", "add")
+SHARES_INPUT_QPARAMS = ("max_pool2d", "avg_pool2d", "pad", "reshape")
+
+
+@dataclass
+class FloatGraph:
+    """The QuantizedModel's op list with float constants, before any quantization."""
+
+    ops: list[Op]
+    params: dict[str, torch.Tensor]  # float weights (torch layout) and biases
+    shapes: dict[str, list[int]]  # activation tensor → logical NHWC shape (batch 1)
+    input: str
+    output: str
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. trace and lower
+
+
+class _Tracer(fx.Tracer):
+    # torchvision's Conv2dNormActivation / SqueezeExcitation are traced through; nothing is a leaf
+    # except torch.nn's own layers (fx's default), so every op we see is a standard module or function.
+    pass
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    model = copy.deepcopy(model).eval()
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as err:  # fx raises many types for untraceable Python control flow
+        raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); "
+                        f"supported: models built only from {SUPPORTED}") from None
+    return fx.GraphModule(model, graph)
+
+
+def _pair(v: int | tuple | list) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
+
+
+def _conv_padding(m: nn.Conv2d) -> list[int]:
+    if m.padding_mode != "zeros":
+        raise UserError(f"Conv2d padding_mode={m.padding_mode!r} not supported; allowed: 'zeros'")
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            return [0, 0, 0, 0]
+        # 'same' (stride 1): the odd extra row/column goes at the end, as torch does
+        tot = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size, strict=True)]
+        return [tot[0] // 2, tot[0] - tot[0] // 2, tot[1] // 2, tot[1] - tot[1] // 2]
+    ph, pw = m.padding
+    return [ph, ph, pw, pw]
+
+
+def _nhwc(shape: torch.Size) -> list[int]:
+    s = [1, *shape[1:]]
+    return [s[0], s[2], s[3], s[1]] if len(s) == 4 else s
+
+
+def _is_global_pool(output_size: object) -> bool:
+    return output_size in (1, (1, 1), [1, 1])
+
+
+def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
+    """Trace `model`, fold BN, and lower it to float ops (see module docstring)."""
+    gm = fold_conv_bn(trace(model))
+    try:
+        ShapeProp(gm).propagate(torch.zeros(1, *input_chw))
+    except Exception as err:
+        raise UserError(f"model does not run on input [1, {', '.join(map(str, input_chw))}] "
+                        f"({type(err).__name__}: {err})") from None
+    modules = dict(gm.named_modules())
+    ops: list[Op] = []
+    params: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    name_of: dict[fx.Node, str] = {}  # fx node → tensor name (aliases map to their input's name)
+    input_name = output_name = None
+
+    def fail(node: fx.Node, what: str) -> UserError:
+        where = node.target if node.op == "call_module" else node.name
+        return UserError(f"model node {where!r}: {what} is not supported by the integer graph; supported: "
+                         f"{SUPPORTED}")
+
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        shape = getattr(meta, "shape", None)
+        if node.op == "placeholder":
+            if input_name is not None:
+                raise fail(node, "a second model input")
+            input_name = node.name
+            name_of[node] = node.name
+            shapes[node.name] = _nhwc(shape)
+            continue
+        if node.op == "output":
+            arg = node.args[0]
+            if not isinstance(arg, fx.Node):
+                raise fail(node, "a model output that is not one tensor")
+            output_name = name_of[arg]
+            continue
+        if node.op == "get_attr":
+            raise fail(node, "a parameter used directly in forward()")
+        if shape is None:
+            if node.op == "call_method" and node.target == "size" or node.target is getattr:
+                continue  # shape arithmetic feeding a view/reshape: the output shape comes from ShapeProp
+            raise fail(node, f"{node.op} {node.target} (no tensor output)")
+        tensor_args = [a for a in node.args if isinstance(a, fx.Node) and a in name_of]
+        ins = [name_of[a] for a in tensor_args]
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        target = node.target
+        kind, attrs = _lower(node, mod, target, fail)
+        src = node.target if node.op == "call_module" else node.name
+        if kind == "alias":
+            name_of[node] = ins[0]
+            continue
+        if kind in ("conv2d", "depthwise_conv2d", "fully_connected"):
+            w = mod.weight.detach().float().clone()
+            b = mod.bias.detach().float().clone() if mod.bias is not None else torch.zeros(w.shape[0])
+            for pname, p in (("weight", w), ("bias", b)):
+                if not torch.isfinite(p).all():
+                    raise UserError(f"{node.target}.{pname}: weights contain NaN or Inf; refusing to quantize")
+            wk, bk = f"{node.target}.weight", f"{node.target}.bias"
+            params[wk], params[bk] = w, b
+            ins = ins[:1] + [wk, bk]
+        if kind in ("add", "mul") and len(ins) != 2:
+            raise fail(node, f"{target} with a constant operand")
+        ops.append(Op(kind, ins, [node.name], attrs, source=str(src)))
+        name_of[node] = node.name
+        shapes[node.name] = _nhwc(shape)
+    if input_name is None or output_name is None:
+        raise UserError("model has no input or no output")
+    ops = _fuse_activations(ops, params)
+    used = {n for op in ops for n in op.outputs} | {input_name}
+    return FloatGraph(ops, params, {n: s for n, s in shapes.items() if n in used}, input_name, output_name)
+
+
+def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[str, dict]:
+    """(op kind or 'alias' / 'relu' / 'relu6' / 'hardsigmoid', attrs) for one fx node."""
+    args, kwargs = node.args, node.kwargs
+    if mod is not None:
+        if isinstance(mod, nn.Conv2d):
+            attrs = {"stride": _pair(mod.stride), "padding": _conv_padding(mod), "dilation": _pair(mod.dilation),
+                     "fused": "none"}
+            if mod.groups == 1:
+                return "conv2d", attrs
+            if mod.groups == mod.in_channels and mod.out_channels % mod.in_channels == 0:
+                return "depthwise_conv2d", {**attrs, "depth_multiplier": mod.out_channels // mod.in_channels}
+            raise fail(node, f"grouped Conv2d (groups={mod.groups})")
+        if isinstance(mod, nn.Linear):
+            return "fully_connected", {"fused": "none"}
+        if isinstance(mod, nn.ReLU):
+            return "relu", {}
+        if isinstance(mod, nn.ReLU6) or (isinstance(mod, nn.Hardtanh) and (mod.min_val, mod.max_val) == (0.0, 6.0)):
+            return "relu6", {}
+        if isinstance(mod, nn.Hardswish):
+            return "hardswish", {}
+        if isinstance(mod, nn.Hardsigmoid):
+            return "hardsigmoid", {}
+        if isinstance(mod, nn.Identity | nn.Dropout):
+            return "alias", {}
+        if isinstance(mod, nn.AdaptiveAvgPool2d) and _is_global_pool(mod.output_size):
+            return "mean", {"axes": [1, 2], "keepdims": True}
+        if isinstance(mod, nn.MaxPool2d):
+            if mod.ceil_mode or _pair(mod.dilation) != [1, 1]:
+                raise fail(node, "MaxPool2d with ceil_mode or dilation")
+            p = _pair(mod.padding)
+            return "max_pool2d", {"kernel": _pair(mod.kernel_size), "stride": _pair(mod.stride or mod.kernel_size),
+                                  "padding": [p[0], p[0], p[1], p[1]]}
+        if isinstance(mod, nn.AvgPool2d):
+            p = _pair(mod.padding)
+            if mod.ceil_mode or (any(p) and mod.count_include_pad) or mod.divisor_override:
+                raise fail(node, "AvgPool2d with ceil_mode, divisor_override or count_include_pad=True padding")
+            return "avg_pool2d", {"kernel": _pair(mod.kernel_size), "stride": _pair(mod.stride or mod.kernel_size),
+                                  "padding": [p[0], p[0], p[1], p[1]]}
+        if isinstance(mod, nn.ZeroPad2d):
+            left, right, top, bottom = mod.padding
+            return "pad", {"padding": [top, bottom, left, right]}
+        if isinstance(mod, nn.Flatten):
+            return _reshape(node, fail)
+        if isinstance(mod, nn.BatchNorm2d):
+            raise fail(node, "BatchNorm2d that does not directly follow a Conv2d (cannot be folded)")
+        raise fail(node, f"module {type(mod).__name__}")
+    if node.op == "call_function":
+        if target in (operator.add, torch.add):
+            return "add", {"fused": "none"}
+        if target in (operator.mul, torch.mul):
+            return "mul", {"fused": "none"}
+        if target in (F.relu, torch.relu):
+            return "relu", {}
+        if target is F.relu6:
+            return "relu6", {}
+        if target is F.hardswish:
+            return "hardswish", {}
+        if target is F.hardsigmoid:
+            return "hardsigmoid", {}
+        if target is F.dropout:
+            return "alias", {}
+        if target is F.adaptive_avg_pool2d and _is_global_pool(args[1] if len(args) > 1 else kwargs.get("output_size")):
+            return "mean", {"axes": [1, 2], "keepdims": True}
+        if target is torch.mean:
+            return _mean(node, list(args[1:]), kwargs, fail)
+        if target in (torch.flatten, torch.reshape):
+            return _reshape(node, fail)
+    if node.op == "call_method":
+        if node.target == "mean":
+            return _mean(node, list(args[1:]), kwargs, fail)
+        if node.target in ("flatten", "view", "reshape"):
+            return _reshape(node, fail)
+        if node.target in ("relu", "relu_"):
+            return "relu", {}
+        if node.target == "add":
+            return "add", {"fused": "none"}
+        if node.target == "mul":
+            return "mul", {"fused": "none"}
+    raise fail(node, f"{node.op} {getattr(target, '__name__', target)}")
+
+
+def _mean(node: fx.Node, rest: list, kwargs: dict, fail) -> tuple[str, dict]:
+    dims = rest[0] if rest else kwargs.get("dim")
+    keep = rest[1] if len(rest) > 1 else kwargs.get("keepdim", False)
+    rank = len(node.args[0].meta["tensor_meta"].shape)
+    if rank != 4 or not isinstance(dims, list | tuple) or sorted(d % 4 for d in dims) != [2, 3]:
+        raise fail(node, f"mean over dims {dims}; only the global average over H, W of a 4-D tensor")
+    return "mean", {"axes": [1, 2], "keepdims": bool(keep)}
+
+
+def _reshape(node: fx.Node, fail) -> tuple[str, dict]:
+    src = node.args[0].meta["tensor_meta"].shape
+    dst = node.meta["tensor_meta"].shape
+    if len(dst) != 2 or (len(src) == 4 and (src[2], src[3]) != (1, 1)):
+        # NCHW and NHWC flatten orders agree only when H = W = 1: anything else would need a transpose
+        raise fail(node, f"reshape {list(src)} → {list(dst)}; only [N, C, 1, 1] or [N, C] → [N, C]")
+    if len(src) == 2 and list(src) == list(dst):
+        return "alias", {}
+    return "reshape", {"shape": [1, int(dst[1])]}
+
+
+def _fuse_activations(ops: list[Op], params: dict[str, torch.Tensor]) -> list[Op]:
+    """Fuse relu / relu6 / hardsigmoid pseudo-ops into the op that produces their input."""
+    out: list[Op] = []
+    producer: dict[str, Op] = {}
+    consumers: dict[str, int] = {}
+    for op in ops:
+        for n in op.inputs:
+            consumers[n] = consumers.get(n, 0) + 1
+    for op in ops:
+        if op.kind not in ("relu", "relu6", "hardsigmoid"):
+            out.append(op)
+            for n in op.outputs:
+                producer[n] = op
+            continue
+        src = op.inputs[0]
+        p = producer.get(src)
+        allowed = ("conv2d", "depthwise_conv2d", "fully_connected") if op.kind == "hardsigmoid" else FUSABLE
+        if p is None or p.kind not in allowed or p.attrs.get("fused") != "none" or consumers.get(src, 0) != 1:
+            what = "hardsigmoid" if op.kind == "hardsigmoid" else op.kind
+            raise UserError(f"model node {op.source!r}: {what} after {p.kind if p else 'the input'} "
+                            f"{'(whose output has other users)' if consumers.get(src, 0) > 1 else ''}cannot be "
+                            f"fused; {what} is supported only directly after one of {', '.join(allowed)} "
+                            f"with no other user of that output")
+        if op.kind == "hardsigmoid":
+            # relu6(z + 3) / 6 = clamp((z + 3) / 6, 0, 1): scale the producer's float weights and bias
+            wk, bk = p.inputs[1], p.inputs[2]
+            params[wk] = (params[wk].double() / 6).float()
+            params[bk] = ((params[bk].double() + 3) / 6).float()
+            p.attrs["fused"] = "relu_0_to_1"
+        else:
+            p.attrs["fused"] = op.kind
+        p.outputs = list(op.outputs)
+        producer[op.outputs[0]] = p
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. input normalization
+
+
+def fold_input_normalization(g: FloatGraph) -> None:
+    """Graph input becomes pixel/255; (x - MEAN) / STD moves into every conv reading the input."""
+    users = [op for op in g.ops if g.input in op.inputs]
+    if g.shapes[g.input][-1] != len(MEAN):
+        raise UserError(f"model input has {g.shapes[g.input][-1]} channels; the uint8 image input needs "
+                        f"{len(MEAN)} (RGB)")
+    for op in users:
+        if op.kind != "conv2d" or op.inputs[0] != g.input:
+            raise UserError(f"model node {op.source!r}: the input normalization can be folded only into "
+                            f"Conv2d layers (groups 1) reading the image; found {op.kind}")
+    for op in users:
+        wk, bk = op.inputs[1], op.inputs[2]
+        mean = torch.tensor(MEAN, dtype=torch.float64).view(1, -1, 1, 1)
+        std = torch.tensor(STD, dtype=torch.float64).view(1, -1, 1, 1)
+        w = g.params[wk].double() / std
+        g.params[bk] = (g.params[bk].double() - (w * mean).sum(dim=(1, 2, 3))).float()
+        g.params[wk] = w.float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. observe
+
+
+def observed_tensors(g: FloatGraph) -> list[str]:
+    """Activation tensors whose qparams come from an observer (the rest are fixed or shared)."""
+    return [op.outputs[0] for op in g.ops
+            if op.kind not in SHARES_INPUT_QPARAMS and op.attrs.get("fused") != "relu_0_to_1"]
+
+
+@torch.no_grad()
+def observe(g: FloatGraph, images: np.ndarray, method: str, act_bits: int, batch_size: int = 128,
+            progress: bool = True, device: str = "cpu") -> dict[str, tuple[float, int, float, float]]:
+    """Run the float graph on uint8 NHWC images; return tensor → (scale, zp, rmin, rmax)."""
+    if len(images) == 0:
+        raise UserError("the calibration set is empty; give at least one image (--images)")
+    names = observed_tensors(g)
+    obs = {n: observers.make_observer(method, act_bits) for n in names}
+    params = {k: v.to(device) for k, v in g.params.items()}
+
+    def hook(name: str, y: torch.Tensor) -> torch.Tensor:
+        if name in obs:
+            if not torch.isfinite(y).all():
+                raise UserError(f"tensor {name!r}: NaN or Inf activations on calibration images")
+            obs[name](y.detach().cpu())
+        return y
+
+    for i in tqdm(range(0, len(images), batch_size), desc=f"calibrating ({method})", unit="batch",
+                  disable=not progress):
+        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
+        run_ops(g.ops, g.input, x.permute(0, 3, 1, 2).float() / 255.0, params, hook)
+    return {n: observers.qparams(o, act_bits) for n, o in obs.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. quantize
+
+
+def quantize_weight(w: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes, float32 per-output-channel scales), symmetric, codes in ±(2^(bits-1)-1)."""
+    qmax = (1 << (bits - 1)) - 1
+    scale = observers.weight_qparams(w, bits)
+    q = torch.round(w.double() / scale.double().view(-1, *([1] * (w.dim() - 1)))).clamp(-qmax, qmax)
+    return q.to(torch.int8).numpy(), scale.numpy().astype(np.float32)
+
+
+def quantize_bias(b: torch.Tensor, s_in: float, s_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int32 codes with scale float32(s_in) * float32(s_w[c]) (a float32 product, as the TFLite converter)."""
+    s_b = (np.float32(s_in) * s_w.astype(np.float32)).astype(np.float32)
+    q = np.round(b.double().numpy() / s_b.astype(np.float64))
+    return np.clip(q, -(2 ** 31), 2 ** 31 - 1).astype(np.int32), s_b
+
+
+def quantize(g: FloatGraph, act_qparams: dict[str, tuple[float, int, float, float]], weight_bits: int,
+             act_bits: int, meta: dict) -> QuantizedModel:
+    if weight_bits not in WEIGHT_BITS:
+        raise UserError(f"weight bits {weight_bits}; allowed: {', '.join(map(str, WEIGHT_BITS))}")
+    if act_bits not in (8, 4):
+        raise UserError(f"activation bits {act_bits}; allowed: 8, 4 (4 in the simulation only)")
+    tensors: dict[str, Tensor] = {}
+
+    def act(name: str, scale: float, zp: int, bits: int, rmin: float | None, rmax: float | None) -> None:
+        tensors[name] = Tensor(name, g.shapes[name], "int8", np.array([scale], np.float32),
+                               np.array([zp], np.int64), None, bits, None, rmin, rmax)
+
+    act(g.input, INPUT_SCALE, INPUT_ZERO_POINT, 8, 0.0, 1.0)
+    unit_scale = float(np.float32(1.0 / ((1 << act_bits) - 1)))
+    for op in g.ops:
+        out = op.outputs[0]
+        if op.kind in SHARES_INPUT_QPARAMS:
+            t = tensors[op.inputs[0]]
+            act(out, float(t.scale[0]), int(t.zero_point[0]), t.bits, t.rmin, t.rmax)
+        elif op.attrs.get("fused") == "relu_0_to_1":
+            act(out, unit_scale, -(1 << (act_bits - 1)), act_bits, 0.0, 1.0)
+        else:
+            act(out, *act_qparams[out][:2], act_bits, *act_qparams[out][2:])
+        if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected"):
+            wk, bk = op.inputs[1], op.inputs[2]
+            qw, sw = quantize_weight(g.params[wk], weight_bits)
+            s_in = float(tensors[op.inputs[0]].scale[0])
+            qb, sb = quantize_bias(g.params[bk], s_in, sw)
+            n = len(sw)
+            tensors[wk] = Tensor(wk, list(qw.shape), "int8", sw, np.zeros(n, np.int64), 0, weight_bits, qw)
+            tensors[bk] = Tensor(bk, list(qb.shape), "int32", sb, np.zeros(n, np.int64), 0, 32, qb)
+    qm = QuantizedModel(ops=copy.deepcopy(g.ops), tensors=tensors, input=g.input, output=g.output, meta=meta)
+    qm.validate()
+    return qm
