@@ -1,0 +1,517 @@
+"""QuantizedModel → integer-only int8 `.tflite` (and an fp32 twin), run in LiteRT, and the main command.
+
+    python -m export.tflite --arch specs/tiny-mbv2.yaml          # → out/tiny-mbv2/tiny-mbv2_int8.tflite + report
+
+Why we write the flatbuffer ourselves: TFLite's converter and onnx2tf both run their own calibration (a
+representative dataset → their own ranges), so the scales, zero points, int8 weights and int32 biases in
+their files are not the ones our calibration chose, and the sim would no longer predict the device. The
+schema's generated object API (`ai_edge_litert.schema_py_generated`: ModelT, SubGraphT, TensorT, ...) lets us
+write exactly the QuantizedModel's numbers, op by op, with no converter in between: every QM op becomes one
+TFLite builtin (plus a PAD where torch's symmetric padding is not TFLite's SAME), activations are fused, the
+layout is NHWC from the start (no transposes), and the input/output tensors are int8.
+
+The fp32 twin: the same writer with float32 tensors and the QM's dequantized constants (w = q·s, b = q_b·s_b),
+so it is the same graph doing the same work in float — the fair latency baseline (its accuracy differs from
+the float model only by weight rounding).
+
+The writer validates the whole QM first and builds the file in memory; the file is written atomically
+(temp file + rename), so a bad model or a killed process leaves no `.tflite` behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import flatbuffers
+import numpy as np
+from ai_edge_litert import schema_py_generated as tfl
+
+from calibration.qmodel import Op, QuantizedModel, Tensor
+from export.pipeline import Built, add_common_args, run_export
+from export.verify import Runners
+from ghnq.cli import UserError, run_cli
+from ghnq.fileio import atomic_write_bytes
+
+# Opcode versions as the official converter (TF 2.21 MLIR, full-integer int8) writes them for these ops —
+# measured by converting a float graph with each op and reading the versions back. The runtime accepts any
+# version, so writing the converter's keeps the files loadable by older runtimes that check them.
+INT8_VERSIONS = {
+    "CONV_2D": 3, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 4, "ADD": 2, "MUL": 2, "MEAN": 2,
+    "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2, "HARD_SWISH": 1, "PAD": 2, "RESHAPE": 1,
+}
+FP32_VERSION = 1
+FUSED = {"none": tfl.ActivationFunctionType.NONE, "relu": tfl.ActivationFunctionType.RELU,
+         "relu6": tfl.ActivationFunctionType.RELU6,
+         # int8: the output tensor is (1/255, -128), whose int8 range is exactly [0, 1]; the saturating cast
+         # is the upper clamp and RELU the lower one (TFLite has no fused 0..1 clamp). fp32: see _fp32_clamp.
+         "relu_0_to_1": tfl.ActivationFunctionType.RELU}
+TYPES = {"int8": tfl.TensorType.INT8, "int32": tfl.TensorType.INT32, "float32": tfl.TensorType.FLOAT32}
+SIGNATURE = ("serving_default", "input", "logits")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flatbuffer assembly: tensors, buffers, opcodes, operators → bytes
+
+
+class _AlignedBufferT(tfl.BufferT):
+    """A buffer whose data starts on a 16-byte boundary, as the converter writes them: kernels read int32
+    biases and int8 weights in place, some with aligned vector loads."""
+
+    def Pack(self, builder: flatbuffers.Builder) -> int:  # noqa: N802 (the object API's name)
+        data = None
+        if self.data is not None:
+            payload = np.ascontiguousarray(self.data).tobytes()
+            builder.StartVector(1, len(payload), 16)
+            builder.head -= len(payload)
+            builder.Bytes[builder.head:builder.head + len(payload)] = payload
+            data = builder.EndVector(len(payload))
+        tfl.BufferStart(builder)
+        if data is not None:
+            tfl.BufferAddData(builder, data)
+        return tfl.BufferEnd(builder)
+
+
+class GraphBuilder:
+    """One subgraph under construction; `finish()` packs it into a `.tflite` byte string."""
+
+    def __init__(self) -> None:
+        self.tensors: list[tfl.TensorT] = []
+        self.index: dict[str, int] = {}
+        self.buffers: list[tfl.BufferT] = [tfl.BufferT()]  # buffer 0: the empty sentinel the runtime requires
+        self.opcodes: dict[tuple[int, int], int] = {}
+        self.operators: list[tfl.OperatorT] = []
+
+    def tensor(self, name: str, shape: list[int], dtype: str, data: np.ndarray | None = None,
+               scale: np.ndarray | None = None, zero_point: np.ndarray | None = None, axis: int = 0) -> int:
+        if name in self.index:
+            raise ValueError(f"tensor {name!r} defined twice")
+        t = tfl.TensorT()
+        t.name, t.shape, t.type, t.hasRank = name, np.array(shape, np.int32), TYPES[dtype], True
+        if data is not None:
+            if list(data.shape) != list(shape) or str(data.dtype) != dtype:
+                raise ValueError(f"tensor {name!r}: data {data.dtype}{list(data.shape)} vs {dtype}{shape}")
+            buf = _AlignedBufferT()
+            buf.data = np.ascontiguousarray(data)
+            t.buffer = len(self.buffers)
+            self.buffers.append(buf)
+        if scale is not None:
+            q = tfl.QuantizationParametersT()
+            q.scale = np.asarray(scale, np.float32)
+            q.zeroPoint = np.asarray(zero_point, np.int64)
+            q.quantizedDimension = axis
+            t.quantization = q
+        self.index[name] = len(self.tensors)
+        self.tensors.append(t)
+        return self.index[name]
+
+    def op(self, code_name: str, inputs: list[str], outputs: list[str], options: object | None = None,
+           version: int = 1) -> None:
+        code = getattr(tfl.BuiltinOperator, code_name)
+        if (code, version) not in self.opcodes:
+            self.opcodes[(code, version)] = len(self.opcodes)
+        o = tfl.OperatorT()
+        o.opcodeIndex = self.opcodes[(code, version)]
+        o.inputs = np.array([self.index[n] for n in inputs], np.int32)
+        o.outputs = np.array([self.index[n] for n in outputs], np.int32)
+        if options is not None:
+            o.builtinOptionsType = getattr(tfl.BuiltinOptions, type(options).__name__[:-1])  # XxxOptionsT → Xxx
+            o.builtinOptions = options
+        self.operators.append(o)
+
+    def finish(self, inputs: list[str], outputs: list[str], description: str) -> bytes:
+        codes = []
+        for code, version in self.opcodes:  # dict order = opcode index order
+            oc = tfl.OperatorCodeT()
+            # Both fields: readers before schema 3a use the deprecated int8 field, newer ones the int32 one.
+            oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), version
+            codes.append(oc)
+        sg = tfl.SubGraphT()
+        sg.tensors, sg.operators, sg.name = self.tensors, self.operators, "main"
+        sg.inputs = np.array([self.index[n] for n in inputs], np.int32)
+        sg.outputs = np.array([self.index[n] for n in outputs], np.int32)
+        sig = tfl.SignatureDefT()
+        sig.signatureKey, sig.subgraphIndex = SIGNATURE[0], 0
+        sig.inputs = [_tensor_map(SIGNATURE[1] if len(inputs) == 1 else n, self.index[n]) for n in inputs]
+        sig.outputs = [_tensor_map(SIGNATURE[2], self.index[outputs[0]])]
+        model = tfl.ModelT()
+        model.version, model.description = 3, description  # the runtime refuses any schema version but 3
+        model.operatorCodes, model.subgraphs, model.buffers, model.signatureDefs = codes, [sg], self.buffers, [sig]
+        builder = flatbuffers.Builder(1024)
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+        return bytes(builder.Output())
+
+
+def _tensor_map(name: str, index: int) -> tfl.TensorMapT:
+    m = tfl.TensorMapT()
+    m.name, m.tensorIndex = name, index
+    return m
+
+
+# ----------------------------------------------------------------------------------------------------
+# QuantizedModel ops → TFLite builtins (one function per op kind; int8 and fp32 share them)
+
+
+@dataclass
+class _Ctx:
+    qm: QuantizedModel
+    g: GraphBuilder
+    fp32: bool
+
+    def version(self, code_name: str) -> int:
+        return FP32_VERSION if self.fp32 else INT8_VERSIONS[code_name]
+
+    def activation(self, name: str, shape: list[int] | None = None, like: str | None = None) -> str:
+        """Declare an activation tensor (QM tensor `name`, or a new one with `like`'s quantization)."""
+        if name not in self.g.index:
+            t = self.qm.tensors[like or name]
+            shape = list(shape if shape is not None else self.qm.tensors[name].shape)
+            if self.fp32:
+                self.g.tensor(name, shape, "float32")
+            else:
+                self.g.tensor(name, shape, "int8", scale=t.scale, zero_point=t.zero_point)
+        return name
+
+    def const(self, name: str, data: np.ndarray, t: Tensor, axis: int) -> str:
+        """A weight or bias: int8/int32 codes with the QM's scales, or (fp32) the dequantized values."""
+        if self.fp32:
+            scale = t.scale.astype(np.float32).reshape([-1 if i == axis else 1 for i in range(data.ndim)])
+            self.g.tensor(name, list(data.shape), "float32", data=(data.astype(np.float32) * scale))
+        else:
+            self.g.tensor(name, list(data.shape), t.dtype, data=data, scale=t.scale,
+                          zero_point=np.zeros(len(t.scale), np.int64), axis=axis)
+        return name
+
+    def int32_const(self, name: str, values: list[int] | np.ndarray) -> str:
+        data = np.asarray(values, np.int32)
+        self.g.tensor(name, list(data.shape), "int32", data=data)
+        return name
+
+
+def _where(op: Op) -> str:
+    return f"{op.kind} ({op.source or '?'})"
+
+
+def _padding_mode(op: Op, in_hw: list[int], out_hw: list[int], kernel: list[int], stride: list[int],
+                  dilation: list[int]) -> int | None:
+    """SAME or VALID when TFLite's padding rule gives exactly the QM's [top, bottom, left, right], else None.
+
+    TFLite SAME pads total = max((out-1)·s + k_eff - in, 0) with top = total // 2 (the extra row at the
+    bottom); torch pads symmetrically, so a stride-2 layer on an even size needs an explicit PAD instead.
+    """
+    pads = op.attrs.get("padding", [0, 0, 0, 0])
+    if not any(pads):
+        valid = all(o == (i - (k - 1) * d - 1) // s + 1
+                    for i, o, k, s, d in zip(in_hw, out_hw, kernel, stride, dilation, strict=True))
+        if valid:
+            return tfl.Padding.VALID
+    same = True
+    for (i, o, k, s, d), before in zip(zip(in_hw, out_hw, kernel, stride, dilation, strict=True),
+                                       (pads[0], pads[2]), strict=True):
+        total = max((o - 1) * s + (k - 1) * d + 1 - i, 0)
+        same &= o == math.ceil(i / s) and before == total // 2
+    return tfl.Padding.SAME if same else None
+
+
+def _explicit_pad(c: _Ctx, op: Op, x: str) -> str:
+    """A PAD op with the QM's padding (pads with the zero point = real 0); the layer then runs VALID."""
+    t, b, left, r = op.attrs["padding"]
+    shape = list(c.qm.tensors[x].shape)
+    padded = f"{op.outputs[0]}/pad"
+    c.activation(padded, [shape[0], shape[1] + t + b, shape[2] + left + r, shape[3]], like=x)
+    paddings = c.int32_const(f"{padded}/paddings", [[0, 0], [t, b], [left, r], [0, 0]])
+    c.g.op("PAD", [x, paddings], [padded], tfl.PadOptionsT(), c.version("PAD"))
+    return padded
+
+
+def _conv_input(c: _Ctx, op: Op, kernel: list[int]) -> tuple[str, int]:
+    x, y = op.inputs[0], op.outputs[0]
+    in_hw, out_hw = c.qm.tensors[x].shape[1:3], c.qm.tensors[y].shape[1:3]
+    mode = _padding_mode(op, in_hw, out_hw, kernel, op.attrs["stride"], op.attrs.get("dilation", [1, 1]))
+    if mode is None:
+        return _explicit_pad(c, op, x), tfl.Padding.VALID
+    return x, mode
+
+
+def _conv2d(c: _Ctx, op: Op) -> None:
+    x, w_name, b_name = op.inputs
+    w, b = c.qm.tensors[w_name], c.qm.tensors[b_name]
+    if w.data.shape[1] != c.qm.tensors[x].shape[3]:
+        raise UserError(f"{_where(op)}: grouped convolution (groups ≠ 1 and ≠ channels) is not supported by the "
+                        "TFLite writer; supported: regular and depthwise convolutions")
+    x, padding = _conv_input(c, op, list(w.data.shape[2:]))
+    wq = c.const(w_name, w.data.transpose(0, 2, 3, 1), w, axis=0)  # torch OIHW → TFLite OHWI
+    bq = c.const(b_name, b.data, b, axis=0)
+    sh, sw = op.attrs["stride"]
+    dh, dw = op.attrs.get("dilation", [1, 1])
+    opts = tfl.Conv2DOptionsT(padding=padding, strideW=sw, strideH=sh, fusedActivationFunction=FUSED[op.attrs["fused"]],
+                              dilationWFactor=dw, dilationHFactor=dh)
+    _emit_fused(c, op, "CONV_2D", [x, wq, bq], opts)
+
+
+def _depthwise_conv2d(c: _Ctx, op: Op) -> None:
+    x, w_name, b_name = op.inputs
+    w, b = c.qm.tensors[w_name], c.qm.tensors[b_name]
+    x, padding = _conv_input(c, op, list(w.data.shape[2:]))
+    # torch [C·m, 1, kh, kw] → TFLite [1, kh, kw, C·m], per-channel scales on dimension 3
+    wq = c.const(w_name, w.data.transpose(1, 2, 3, 0), w, axis=3)
+    bq = c.const(b_name, b.data, b, axis=0)
+    sh, sw = op.attrs["stride"]
+    dh, dw = op.attrs.get("dilation", [1, 1])
+    opts = tfl.DepthwiseConv2DOptionsT(padding=padding, strideW=sw, strideH=sh,
+                                       depthMultiplier=int(op.attrs.get("depth_multiplier", 1)),
+                                       fusedActivationFunction=FUSED[op.attrs["fused"]], dilationWFactor=dw,
+                                       dilationHFactor=dh)
+    _emit_fused(c, op, "DEPTHWISE_CONV_2D", [x, wq, bq], opts)
+
+
+def _fully_connected(c: _Ctx, op: Op) -> None:
+    x, w_name, b_name = op.inputs
+    w, b = c.qm.tensors[w_name], c.qm.tensors[b_name]
+    wq = c.const(w_name, w.data, w, axis=0)  # [O, I] is TFLite's layout already
+    bq = c.const(b_name, b.data, b, axis=0)
+    opts = tfl.FullyConnectedOptionsT(fusedActivationFunction=FUSED[op.attrs["fused"]])
+    _emit_fused(c, op, "FULLY_CONNECTED", [c.activation(x), wq, bq], opts)
+
+
+def _emit_fused(c: _Ctx, op: Op, code: str, inputs: list[str], opts: object) -> None:
+    """Emit a layer with a fused activation; fp32's relu_0_to_1 needs one RELU_0_TO_1 op after it."""
+    y = op.outputs[0]
+    if c.fp32 and op.attrs.get("fused") == "relu_0_to_1":
+        opts.fusedActivationFunction = tfl.ActivationFunctionType.NONE
+        pre = c.activation(f"{y}/pre_clamp", like=y, shape=c.qm.tensors[y].shape)
+        c.g.op(code, inputs, [pre], opts, c.version(code))
+        c.g.op("RELU_0_TO_1", [pre], [c.activation(y)], None, FP32_VERSION)
+    else:
+        c.g.op(code, inputs, [c.activation(y)], opts, c.version(code))
+
+
+def _add(c: _Ctx, op: Op) -> None:
+    a, b = (c.activation(n) for n in op.inputs)
+    c.g.op("ADD", [a, b], [c.activation(op.outputs[0])],
+           tfl.AddOptionsT(fusedActivationFunction=FUSED[op.attrs.get("fused", "none")]), c.version("ADD"))
+
+
+def _mul(c: _Ctx, op: Op) -> None:
+    a, b = (c.activation(n) for n in op.inputs)
+    c.g.op("MUL", [a, b], [c.activation(op.outputs[0])],
+           tfl.MulOptionsT(fusedActivationFunction=FUSED[op.attrs.get("fused", "none")]), c.version("MUL"))
+
+
+def _mean(c: _Ctx, op: Op) -> None:
+    axes = c.int32_const(f"{op.outputs[0]}/axes", op.attrs.get("axes", [1, 2]))
+    c.g.op("MEAN", [c.activation(op.inputs[0]), axes], [c.activation(op.outputs[0])],
+           tfl.ReducerOptionsT(keepDims=bool(op.attrs["keepdims"])), c.version("MEAN"))
+
+
+def _pool(c: _Ctx, op: Op, code: str) -> None:
+    x = op.inputs[0]
+    kh, kw = op.attrs["kernel"]
+    mode = _padding_mode(op, c.qm.tensors[x].shape[1:3], c.qm.tensors[op.outputs[0]].shape[1:3], [kh, kw],
+                         op.attrs["stride"], [1, 1])
+    if mode is None:
+        # A PAD (zero point = real 0) before a VALID max pool is exact only when no input is below real 0,
+        # i.e. the input comes out of a ReLU; TFLite's SAME excludes padded positions, which torch also does.
+        producer = c.qm.producer(x)
+        if code != "MAX_POOL_2D" or producer is None or producer.attrs.get("fused", "none") == "none":
+            raise UserError(f"{_where(op)}: padding {op.attrs['padding']} is neither TFLite SAME nor VALID and "
+                            "cannot be rewritten exactly (only a max pool after a ReLU can take an explicit PAD)")
+        x, mode = _explicit_pad(c, op, x), tfl.Padding.VALID
+    sh, sw = op.attrs["stride"]
+    opts = tfl.Pool2DOptionsT(padding=mode, strideW=sw, strideH=sh, filterWidth=kw, filterHeight=kh)
+    c.g.op(code, [c.activation(x)], [c.activation(op.outputs[0])], opts, c.version(code))
+
+
+def _hardswish(c: _Ctx, op: Op) -> None:
+    c.g.op("HARD_SWISH", [c.activation(op.inputs[0])], [c.activation(op.outputs[0])], None, c.version("HARD_SWISH"))
+
+
+def _pad(c: _Ctx, op: Op) -> None:
+    t, b, left, r = op.attrs["padding"]
+    paddings = c.int32_const(f"{op.outputs[0]}/paddings", [[0, 0], [t, b], [left, r], [0, 0]])
+    c.g.op("PAD", [c.activation(op.inputs[0]), paddings], [c.activation(op.outputs[0])], tfl.PadOptionsT(),
+           c.version("PAD"))
+
+
+def _reshape(c: _Ctx, op: Op) -> None:
+    shape = c.int32_const(f"{op.outputs[0]}/shape", op.attrs["shape"])
+    c.g.op("RESHAPE", [c.activation(op.inputs[0]), shape], [c.activation(op.outputs[0])], None,
+           c.version("RESHAPE"))
+
+
+EMITTERS = {
+    "conv2d": _conv2d, "depthwise_conv2d": _depthwise_conv2d, "fully_connected": _fully_connected, "add": _add,
+    "mul": _mul, "mean": _mean, "max_pool2d": lambda c, op: _pool(c, op, "MAX_POOL_2D"),
+    "avg_pool2d": lambda c, op: _pool(c, op, "AVERAGE_POOL_2D"), "hardswish": _hardswish, "pad": _pad,
+    "reshape": _reshape,
+}
+
+
+def check_supported(qm: QuantizedModel) -> None:
+    """Everything the int8 writer needs from a QM, checked before any byte is written (UserError)."""
+    qm.validate()
+    for op in qm.ops:
+        if op.kind not in EMITTERS:
+            raise UserError(f"{_where(op)}: no TFLite mapping for op kind {op.kind!r}; supported: "
+                            f"{', '.join(EMITTERS)}")
+        for name in op.inputs + op.outputs:
+            t = qm.tensors[name]
+            if not t.is_const and (t.bits != 8 or len(t.scale) != 1):
+                raise UserError(f"{_where(op)}: tensor {name!r} is {t.bits}-bit/{len(t.scale)}-scale; the int8 "
+                                "TFLite writer needs 8-bit per-tensor activations (calibrate with --bits 8)")
+            if t.is_const and (np.any(t.zero_point != 0) or t.axis not in (0, None)):
+                raise UserError(f"{_where(op)}: constant {name!r} must be symmetric per-channel on axis 0")
+        if op.kind in ("conv2d", "depthwise_conv2d") and len(qm.tensors[op.inputs[0]].shape) != 4:
+            raise UserError(f"{_where(op)}: input must be NHWC 4-D")
+
+
+def build_tflite(qm: QuantizedModel, fp32: bool = False, ops: list[Op] | None = None) -> bytes:
+    """The whole `.tflite` as bytes: int8 with the QM's exact parameters, or the fp32 twin.
+
+    `ops` (a sub-list of qm.ops) builds a graph of just those ops, whose inputs are every activation they
+    read and do not produce (tests use it to run one op in isolation on the reference's input codes).
+    """
+    check_supported(qm)
+    c = _Ctx(qm, GraphBuilder(), fp32)
+    if ops is None:
+        ops, inputs, outputs = qm.ops, [qm.input], [qm.output]
+    else:
+        made = {n for op in ops for n in op.outputs}
+        inputs = list(dict.fromkeys(n for op in ops for n in op.inputs
+                                    if n not in made and not qm.tensors[n].is_const))
+        outputs = [ops[-1].outputs[0]]
+    for name in inputs:
+        c.activation(name)
+    for op in ops:
+        EMITTERS[op.kind](c, op)
+    name = qm.meta.get("name", "model")
+    kind = "fp32 twin (dequantized constants)" if fp32 else "integer-only int8"
+    return c.g.finish(inputs, outputs, f"ghnq export.tflite: {name}, {kind}")
+
+
+def write_tflite(qm: QuantizedModel, path: str | Path, fp32: bool = False) -> Path:
+    """Build in memory (all checks first), then write atomically."""
+    data = build_tflite(qm, fp32)
+    return atomic_write_bytes(path, data)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running a .tflite in LiteRT
+
+KERNELS = ("xnnpack", "builtin", "ref")
+
+
+class LiteRTRunner:
+    """A `.tflite` in the LiteRT interpreter, fed one image at a time (the graph's batch is 1).
+
+    kernels: "xnnpack" = the default (XNNPACK delegate, what devices run), "builtin" = the optimized kernels
+    without the delegate, "ref" = the reference kernels (`BUILTIN_REF`, the arithmetic the integer reference
+    reproduces code for code). `preserve_all` keeps every intermediate tensor readable (per-layer checks;
+    a delegate hides its intermediates, so use it with "builtin" or "ref").
+    """
+
+    def __init__(self, model: bytes | str | Path, kernels: str = "xnnpack", threads: int = 1,
+                 preserve_all: bool = False) -> None:
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        if kernels not in KERNELS:
+            raise UserError(f"kernels: got {kernels!r}; allowed: {', '.join(KERNELS)}")
+        resolver = {"xnnpack": OpResolverType.AUTO, "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+                    "ref": OpResolverType.BUILTIN_REF}[kernels]
+        content = model if isinstance(model, bytes) else Path(model).read_bytes()
+        self.interp = Interpreter(model_content=content, num_threads=threads,
+                                  experimental_op_resolver_type=resolver,
+                                  experimental_preserve_all_tensors=preserve_all)
+        self.interp.allocate_tensors()
+        self.input = self.interp.get_input_details()[0]
+        self.output = self.interp.get_output_details()[0]
+        self.name = f"LiteRT {_litert_version()} ({kernels}, {threads} thread{'s' * (threads > 1)})"
+
+    def invoke(self, x: np.ndarray) -> None:
+        self.interp.set_tensor(self.input["index"], x[None])
+        self.interp.invoke()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Inputs [N, ...] (one image per row) → outputs [N, ...]."""
+        out = np.empty((len(x), *self.output["shape"][1:]), self.output["dtype"])
+        for i in range(len(x)):
+            self.invoke(x[i])
+            out[i] = self.interp.get_tensor(self.output["index"])[0]
+        return out
+
+    def tensors(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Every named tensor of the graph (activations only) for inputs [N, ...], stacked over N."""
+        details = [d for d in self.interp.get_tensor_details() if d["name"] and len(d["shape"]) and
+                   d["shape"][0] == 1 and d["dtype"] in (np.int8, np.float32)]
+        acc: dict[str, list[np.ndarray]] = {d["name"]: [] for d in details}
+        for i in range(len(x)):
+            self.invoke(x[i])
+            for d in details:
+                acc[d["name"]].append(self.interp.get_tensor(d["index"])[0].copy())
+        return {n: np.stack(v) for n, v in acc.items()}
+
+
+def _litert_version() -> str:
+    from importlib.metadata import version
+
+    return version("ai-edge-litert")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command
+
+
+class _Fp32Runner:
+    """The fp32 twin fed the real value of the int8 input codes ((q - zp) · s = pixel / 255)."""
+
+    def __init__(self, path: Path, qm: QuantizedModel, threads: int) -> None:
+        self.inner = LiteRTRunner(path, "xnnpack", threads)
+        t = qm.tensors[qm.input]
+        self.scale, self.zp = float(t.scale[0]), int(t.zero_point[0])
+        self.name = "fp32 twin, " + self.inner.name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.inner(((x.astype(np.float32) - self.zp) * np.float32(self.scale)).astype(np.float32))
+
+
+def build(qm: QuantizedModel, out_dir: Path, name: str, args: argparse.Namespace) -> Built:
+    """Writer for the pipeline: both files built (and so checked) in memory, then written atomically."""
+    int8, fp32 = build_tflite(qm), build_tflite(qm, fp32=True)
+    p8 = atomic_write_bytes(out_dir / f"{name}_int8.tflite", int8)
+    p32 = atomic_write_bytes(out_dir / f"{name}_fp32.tflite", fp32)
+    threads = args.threads
+    runners = Runners(runner=LiteRTRunner(p8, "xnnpack", threads),
+                      exact_runners=[LiteRTRunner(p8, "ref")],
+                      layer_runners=[LiteRTRunner(p8, "ref", preserve_all=True),
+                                     LiteRTRunner(p8, "builtin", preserve_all=True)] if args.per_layer else [],
+                      float_runners=[_Fp32Runner(p32, qm, threads)])
+    info = {"builder": "schema object API (ai_edge_litert.schema_py_generated)", "litert": _litert_version(),
+            "int8_ops": op_histogram(int8), "fp32_ops": op_histogram(fp32)}
+    return Built(artifact=p8, runners=runners, artifacts={"int8": p8, "fp32": p32}, info=info)
+
+
+def op_histogram(data: bytes) -> dict[str, int]:
+    """Builtin op name → count in a .tflite (read back from the flatbuffer)."""
+    model = tfl.ModelT.InitFromPackedBuf(data, 0)
+    names = {v: k for k, v in vars(tfl.BuiltinOperator).items() if not k.startswith("_")}
+    counts: dict[str, int] = {}
+    for op in model.subgraphs[0].operators:
+        n = names[model.operatorCodes[op.opcodeIndex].builtinCode]
+        counts[n] = counts.get(n, 0) + 1
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.tflite", description=__doc__.split("\n\n")[0] + "\n\n"
+                                "Writes OUT/<name>_int8.tflite, <name>_fp32.tflite, <name>.qm, report.json, "
+                                "report.md, plots and verify/ (the device bundle's inputs and expected outputs).",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    args = p.parse_args(argv)
+    return run_export(args, "tflite", build)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,359 @@
+"""export.tflite: the int8 file carries the QuantizedModel's exact parameters and runs its exact arithmetic.
+
+* every scale / zero point / int8 weight / int32 bias read back from the file equals the QM's bit for bit;
+* int8 input and output, no float tensor, no QUANTIZE/DEQUANTIZE inside;
+* LiteRT's reference kernels (BUILTIN_REF) equal calibration's integer reference on every tensor (0 codes);
+* the default XNNPACK delegate, run op by op on the reference's inputs, stays within 1 step of it;
+* the command writes atomically, and bad input exits 2 with nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from calibration import calibrate, reference
+from calibration.qmodel import INPUT_SCALE, Op, QuantizedModel, Tensor
+from calibration.sim import input_codes, run_ops, simulate
+from export import tflite as T
+from ghnq.cli import UserError, run_cli
+from ghnq.data import load_eval_images
+from ghnq.spec import build_model, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
+N_IMAGES = 16
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models under test: a hand-built QM with every op kind, and each spec calibrated on real images
+
+
+def hand_qm(seed: int = 0) -> tuple[QuantizedModel, np.ndarray]:
+    """Every op kind the writer maps, incl. a PAD-needing stride-2 conv, SAME pools, the SE pattern,
+    an explicit pad and a reshape; ranges observed from a float run of the same ops on random pixels."""
+    rng = np.random.default_rng(seed)
+    conv = {"dilation": [1, 1], "stride": [1, 1], "padding": [0, 0, 0, 0]}
+    ops = [
+        Op("conv2d", ["x", "c1.w", "c1.b"], ["c1"], {**conv, "stride": [2, 2], "padding": [1, 1, 1, 1],
+                                                     "fused": "relu6"}),
+        Op("depthwise_conv2d", ["c1", "dw.w", "dw.b"], ["dw"], {**conv, "padding": [1, 1, 1, 1], "fused": "relu",
+                                                               "depth_multiplier": 1}),
+        Op("add", ["c1", "dw"], ["add"], {"fused": "none"}),
+        Op("hardswish", ["add"], ["hs"]),
+        Op("max_pool2d", ["hs"], ["mp"], {"kernel": [2, 2], "stride": [1, 1], "padding": [0, 0, 0, 0]}),
+        Op("avg_pool2d", ["mp"], ["ap"], {"kernel": [3, 3], "stride": [1, 1], "padding": [1, 1, 1, 1]}),
+        Op("mean", ["ap"], ["se.in"], {"keepdims": True}),
+        Op("conv2d", ["se.in", "se1.w", "se1.b"], ["se1"], {**conv, "fused": "relu"}),
+        Op("conv2d", ["se1", "se2.w", "se2.b"], ["se2"], {**conv, "fused": "relu_0_to_1"}),
+        Op("mul", ["ap", "se2"], ["mul"], {"fused": "none"}),
+        Op("pad", ["mul"], ["pad"], {"padding": [0, 1, 1, 0]}),
+        Op("mean", ["pad"], ["gap"], {"keepdims": True}),
+        Op("reshape", ["gap"], ["flat"], {"shape": [1, 8]}),
+        Op("fully_connected", ["flat", "fc.w", "fc.b"], ["logits"], {"fused": "none"}),
+    ]
+    shapes = {"x": [1, 9, 9, 3], "c1": [1, 5, 5, 8], "dw": [1, 5, 5, 8], "add": [1, 5, 5, 8], "hs": [1, 5, 5, 8],
+              "mp": [1, 4, 4, 8], "ap": [1, 4, 4, 8], "se.in": [1, 1, 1, 8], "se1": [1, 1, 1, 4],
+              "se2": [1, 1, 1, 8], "mul": [1, 4, 4, 8], "pad": [1, 5, 5, 8], "gap": [1, 1, 1, 8], "flat": [1, 8],
+              "logits": [1, 5]}
+    wshapes = {"c1": [8, 3, 3, 3], "dw": [8, 1, 3, 3], "se1": [4, 8, 1, 1], "se2": [8, 4, 1, 1], "fc": [5, 8]}
+    fw = {f"{k}.w": torch.tensor(rng.normal(0, 0.5, s), dtype=torch.float32) for k, s in wshapes.items()}
+    fb = {f"{k}.b": torch.tensor(rng.normal(0, 0.3, s[0]), dtype=torch.float32) for k, s in wshapes.items()}
+    images = rng.integers(0, 256, (N_IMAGES, 9, 9, 3), dtype=np.uint8)
+    env = run_ops(ops, "x", torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 255, {**fw, **fb})
+    tensors = {"x": Tensor("x", shapes["x"], "int8", np.array([INPUT_SCALE], np.float32), np.array([-128]))}
+    shared = {"mp": "hs", "ap": "hs", "pad": "mul", "flat": "gap"}  # TFLite: these outputs share their input's
+    for op in ops:
+        y = op.outputs[0]
+        if y in shared:
+            src = tensors[shared[y]]
+            tensors[y] = Tensor(y, shapes[y], "int8", src.scale.copy(), src.zero_point.copy())
+        elif op.attrs.get("fused") == "relu_0_to_1":
+            tensors[y] = Tensor(y, shapes[y], "int8", np.array([INPUT_SCALE], np.float32), np.array([-128]))
+        else:
+            lo, hi = min(float(env[y].min()), 0.0), max(float(env[y].max()), 0.0)
+            s = np.float32((hi - lo) / 255)
+            zp = int(np.clip(round(-128 - lo / float(s)), -128, 127))
+            tensors[y] = Tensor(y, shapes[y], "int8", np.array([s], np.float32), np.array([zp]))
+        if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected"):
+            w, b = fw[op.inputs[1]].numpy(), fb[op.inputs[2]].numpy()
+            sw = (np.abs(w).reshape(len(w), -1).max(1) / 127).astype(np.float32)
+            qw = np.clip(np.round(w / sw.reshape(-1, *[1] * (w.ndim - 1))), -127, 127).astype(np.int8)
+            sb = (np.float32(tensors[op.inputs[0]].scale[0]) * sw).astype(np.float32)
+            zeros = np.zeros(len(sw), np.int64)
+            tensors[op.inputs[1]] = Tensor(op.inputs[1], list(w.shape), "int8", sw, zeros, 0, data=qw)
+            tensors[op.inputs[2]] = Tensor(op.inputs[2], [len(b)], "int32", sb, zeros, 0, 32,
+                                           np.round(b / sb).astype(np.int32))
+    qm = QuantizedModel(ops, tensors, "x", "logits", {"name": "hand"})
+    qm.validate()
+    return qm, images
+
+
+@cache
+def spec_qm(name: str) -> tuple[QuantizedModel, np.ndarray]:
+    """A spec with seeded random weights, BN re-estimated and calibrated on real CIFAR-10 images."""
+    model = build_model(load_spec(ROOT / "specs" / f"{name}.yaml"))
+    _random_init(model)
+    images, _, _ = load_eval_images(48, quiet=True)
+    qm = calibrate(model, images[:32], bn_recalibrate=True, progress=False, meta={"name": name})
+    return qm, images[32:32 + N_IMAGES]
+
+
+def _random_init(model: torch.nn.Module) -> None:
+    torch.manual_seed(0)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+def models() -> list:
+    return [pytest.param("hand", id="hand")] + [pytest.param(s, id=s) for s in SPECS]
+
+
+def get(name: str) -> tuple[QuantizedModel, np.ndarray]:
+    return hand_qm() if name == "hand" else spec_qm(name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The file carries the QM's numbers
+
+
+OP_NAMES = {v: k for k, v in vars(T.tfl.BuiltinOperator).items() if not k.startswith("_")}
+
+
+def _read_back(data: bytes) -> tuple[T.tfl.ModelT, dict[str, T.tfl.TensorT]]:
+    model = T.tfl.ModelT.InitFromPackedBuf(data, 0)
+    return model, {t.name.decode(): t for t in model.subgraphs[0].tensors}
+
+
+@pytest.mark.parametrize("name", models())
+def test_parameters_bit_exact(name: str) -> None:
+    qm, _ = get(name)
+    data = T.build_tflite(qm)
+    model, tensors = _read_back(data)
+    assert bytes(data[4:8]) == b"TFL3" and model.version == 3
+    assert model.buffers[0].data is None  # the empty sentinel
+    for n, t in qm.tensors.items():
+        ft = tensors[n]
+        q = ft.quantization
+        assert q.scale.dtype == np.float32 and q.scale.tobytes() == t.scale.astype(np.float32).tobytes(), n
+        assert np.array_equal(q.zeroPoint, t.zero_point), n
+        if not t.is_const:
+            assert ft.type == T.tfl.TensorType.INT8 and ft.buffer == 0, n
+            continue
+        raw = np.frombuffer(model.buffers[ft.buffer].data.tobytes(), dtype=t.dtype).reshape(ft.shape)
+        producer = next(op for op in qm.ops if n in op.inputs)
+        if t.dtype == "int32":
+            expect, qdim = t.data, 0
+        elif producer.kind == "conv2d":
+            expect, qdim = t.data.transpose(0, 2, 3, 1), 0
+        elif producer.kind == "depthwise_conv2d":
+            expect, qdim = t.data.transpose(1, 2, 3, 0), 3
+        else:
+            expect, qdim = t.data, 0
+        assert raw.tobytes() == np.ascontiguousarray(expect).tobytes(), n
+        assert q.quantizedDimension == qdim, n
+    # the same through the interpreter (what a runtime sees)
+    it = T.LiteRTRunner(data, "ref").interp
+    details = {d["name"]: d for d in it.get_tensor_details()}
+    for n, t in qm.tensors.items():
+        qp = details[n]["quantization_parameters"]
+        assert np.array_equal(qp["scales"], t.scale) and np.array_equal(qp["zero_points"], t.zero_point), n
+    # integer only: int8 I/O, no float tensor, no (de)quantize
+    assert it.get_input_details()[0]["dtype"] == np.int8 and it.get_output_details()[0]["dtype"] == np.int8
+    assert all(d["dtype"] in (np.int8, np.int32) for d in details.values())
+    used = {OP_NAMES[model.operatorCodes[op.opcodeIndex].builtinCode] for op in model.subgraphs[0].operators}
+    assert not used & {"QUANTIZE", "DEQUANTIZE", "TRANSPOSE", "CAST"}
+    for oc in model.operatorCodes:  # both opcode fields, the converter's versions
+        assert oc.deprecatedBuiltinCode == min(oc.builtinCode, 127)
+        assert oc.version == T.INT8_VERSIONS[OP_NAMES[oc.builtinCode]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The file computes the integer reference's codes
+
+
+@pytest.mark.parametrize("name", models())
+def test_reference_kernels_equal_integer_reference_on_every_tensor(name: str) -> None:
+    qm, images = get(name)
+    runner = T.LiteRTRunner(T.build_tflite(qm), "ref", preserve_all=True)
+    got = runner.tensors(input_codes(images))
+    logits, want = reference.run(qm, images, capture=True)
+    activations = [qm.input] + [op.outputs[0] for op in qm.ops]
+    for n in activations:
+        assert n in got, n
+        diff = int((got[n].reshape(want[n].shape) != want[n]).sum())
+        assert diff == 0, f"{name}: tensor {n!r}: {diff} of {want[n].size} codes differ from the integer reference"
+    assert np.array_equal(runner(input_codes(images)), logits)
+
+
+@pytest.mark.parametrize("name", models())
+def test_xnnpack_within_one_step_per_op(name: str) -> None:
+    """Each op alone under the XNNPACK delegate, fed the reference's input codes: ≤ 1 step from it.
+
+    (Per op, because end to end a 1-step difference can grow through random-weight layers; the export
+    report measures the end-to-end error on real weights.)"""
+    qm, images = get(name)
+    _, env = reference.run(qm, images, capture=True)
+    worst = {}
+    for op in qm.ops:
+        r = T.LiteRTRunner(T.build_tflite(qm, ops=[op]), "xnnpack")
+        outs = []
+        for i in range(len(images)):
+            for d in r.interp.get_input_details():
+                r.interp.set_tensor(d["index"], env[d["name"]][i:i + 1].reshape(d["shape"]))
+            r.interp.invoke()
+            outs.append(r.interp.get_tensor(r.output["index"])[0])
+        d = np.abs(np.stack(outs).astype(np.int32) - env[op.outputs[0]].reshape(len(images), *outs[0].shape))
+        worst[f"{op.kind} {op.outputs[0]}"] = int(d.max())
+    assert max(worst.values()) <= 1, {k: v for k, v in worst.items() if v > 1}
+
+
+def test_xnnpack_end_to_end_hand_model() -> None:
+    qm, images = hand_qm()
+    out = T.LiteRTRunner(T.build_tflite(qm), "xnnpack")(input_codes(images))
+    ref = reference.run(qm, images)
+    assert np.abs(out.astype(np.int32) - ref).max() <= 1
+    assert np.array_equal(out.argmax(1), ref.argmax(1))
+
+
+def test_fp32_twin_is_the_same_graph_in_float() -> None:
+    qm, images = spec_qm("tiny-mbv2")
+    data = T.build_tflite(qm, fp32=True)
+    model, tensors = _read_back(data)
+    assert all(t.type == T.tfl.TensorType.FLOAT32 for n, t in tensors.items() if not n.endswith(("/paddings", "/axes",
+                                                                                                  "/shape")))
+    ops8, ops32 = T.op_histogram(T.build_tflite(qm)), T.op_histogram(data)
+    extra = ops32.pop("RELU_0_TO_1", 0)  # the SE gate's clamp (int8 does it by saturation)
+    assert ops32 == ops8 and extra == sum(op.attrs.get("fused") == "relu_0_to_1" for op in qm.ops)
+    t = qm.tensors[qm.input]
+    x = (input_codes(images).astype(np.float32) - t.zero_point[0]) * t.scale[0]
+    out = T.LiteRTRunner(data, "xnnpack")(x.astype(np.float32))
+    o = qm.tensors[qm.output]
+    sim = (simulate(qm, images).astype(np.float32) - o.zero_point[0]) * o.scale[0]
+    assert np.abs(out - sim).max() < 0.25 * np.abs(sim).max()  # same function up to activation rounding
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the writer refuses, before writing
+
+
+def _refused(qm: QuantizedModel, tmp_path: Path, match: str) -> None:
+    path = tmp_path / "m_int8.tflite"
+    with pytest.raises(UserError, match=match):
+        T.write_tflite(qm, path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_4bit_activations(tmp_path: Path) -> None:
+    qm, _ = hand_qm()
+    qm.tensors["hs"].bits = 4
+    _refused(qm, tmp_path, "8-bit per-tensor activations")
+
+
+def test_refuses_grouped_conv(tmp_path: Path) -> None:
+    qm, _ = hand_qm()
+    t = qm.tensors["se2.w"]
+    t.data, t.shape = t.data[:, :2], [8, 2, 1, 1]  # 2 input channels per group, 4-channel input
+    _refused(qm, tmp_path, "grouped convolution")
+
+
+def test_refuses_unmappable_avg_pool_padding(tmp_path: Path) -> None:
+    qm, _ = hand_qm()
+    op = next(op for op in qm.ops if op.kind == "avg_pool2d")
+    op.attrs["padding"] = [2, 0, 2, 0]  # neither SAME nor VALID, and a PAD would change the average
+    _refused(qm, tmp_path, "neither TFLite SAME nor VALID")
+
+
+def test_killed_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ghnq.fileio
+
+    qm, _ = hand_qm()
+
+    def killed(*_a: object) -> None:
+        raise KeyboardInterrupt  # the process dies between writing the temp file and the rename
+
+    monkeypatch.setattr(ghnq.fileio.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        T.write_tflite(qm, tmp_path / "m_int8.tflite")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        run_cli(T.main, argv)
+    return int(e.value.code or 0), capsys.readouterr().err
+
+
+def test_command_writes_verified_artifacts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "o"
+    # random weights: loose tolerance (random layers amplify a 1-step rounding difference end to end)
+    code, err = _cli(["--arch", str(ROOT / "specs/tiny-mbv2.yaml"), "--out", str(out), "--calib-images", "32",
+                      "--verify-images", "24", "--reference-images", "24", "--max-step-error", "100",
+                      "--min-agreement", "0", "--quiet", "--per-layer", "--per-layer-images", "4"], capsys)
+    assert code == 0, err
+    r = json.loads((out / "report.json").read_text())
+    for key in ("artifact", "images", "top1_agreement", "max_step_error", "p99_step_error", "accuracy_artifact",
+                "accuracy_sim", "accuracy_float", "weights"):
+        assert key in r, key
+    assert Path(r["artifact"]) == out / "tiny-mbv2_int8.tflite" and r["images"] == 24 and r["passed"]
+    assert r["exact"][0]["differing_codes"] == 0 and r["exact"][0]["codes"] == 240
+    assert (out / "tiny-mbv2_fp32.tflite").is_file() and (out / "report.md").is_file()
+    assert all(Path(p).is_file() for p in r["plots"]) and len(r["per_layer"]) == len(load_qm(out).ops)
+    x = np.load(out / "verify" / "inputs_int8.npy")
+    e = np.load(out / "verify" / "expected_int8.npy")
+    y = np.load(out / "verify" / "labels.npy")
+    assert x.dtype == np.int8 and x.shape == (24, 32, 32, 3) and e.dtype == np.int8 and e.shape == (24, 10)
+    assert y.shape == (24,) and np.array_equal(e, simulate(load_qm(out), (x.astype(np.int16) + 128).astype(np.uint8)))
+    assert "random" in r["weights"] and "WARNING" in err
+    # an impossible tolerance: written, but the exit code says verification failed
+    code, err = _cli(["--arch", str(ROOT / "specs/tiny-mbv2.yaml"), "--out", str(out), "--calib-images", "32",
+                      "--verify-images", "24", "--reference-images", "8", "--max-step-error", "0",
+                      "--min-agreement", "1", "--quiet"], capsys)
+    assert code == 1 and not json.loads((out / "report.json").read_text())["passed"]
+
+
+def load_qm(out: Path) -> QuantizedModel:
+    from calibration.qmodel import load
+
+    return load(next(out.glob("*.qm")))
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--arch", "specs/nope.yaml"], "nope.yaml"),
+    (["--arch", "{spec_bad}"], "stem"),
+    (["--arch", "specs/tiny-mbv2.yaml", "--weights", "missing.pt"], "missing.pt"),
+    (["--arch", "specs/tiny-mbv2.yaml", "--bits", "3"], "--bits"),
+    (["--arch", "specs/tiny-mbv2.yaml", "--method", "magic"], "--method"),
+    (["--arch", "specs/tiny-mbv2.yaml", "--data-root", "/no/such/dir"], "--data-root"),
+])
+def test_bad_input_exits_2_and_writes_nothing(args: list[str], match: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nstem: {out: -3}\nstages: []\n")
+    args = [a.replace("{spec_bad}", str(bad)) for a in args]
+    code, err = _cli([*args, "--out", str(tmp_path / "o"), "--quiet"], capsys)
+    assert code == 2 and match in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_model_exits_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(qm: QuantizedModel) -> None:
+        raise UserError("op 3 (gelu): no TFLite mapping")  # what check_supported says for an unmapped op
+
+    monkeypatch.setattr(T, "check_supported", refuse)
+    code, err = _cli(["--arch", str(ROOT / "specs/tiny-mbv2.yaml"), "--out", str(tmp_path / "o"),
+                      "--calib-images", "8", "--quiet"], capsys)
+    assert code == 2 and "no TFLite mapping" in err
+    assert not (tmp_path / "o").exists()
