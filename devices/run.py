@@ -280,8 +280,11 @@ def run_bundle(target: Target, bundle: str | Path, eval_args: list[str], out: st
             break
     if rc == CONNECTION_LOST:
         raise UserError(f"{target.name}: connection lost {retries + 1} times; rerun the same command to resume")
-    if rc not in (0, 1):
+    if rc == 2:
         return rc, None, out  # eval.py refused the bundle or its input; it said why on stderr
+    if rc != 0 and rc != 1:
+        raise UserError(f"{target.name}: eval.py exited with {rc}; is --python {shlex.join(target.python)!r} a "
+                        f"Python 3 with numpy and a runtime (ai-edge-litert / executorch) on the target?")
 
     try:
         target.fetch(f"{remote_out}/result.json", out / "result.json")
