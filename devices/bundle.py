@@ -115,9 +115,12 @@ def _quantization(export: Path, artifacts: list[dict], report: dict | None) -> d
                    "dtype": "int8"} for side in ("input", "output")}
 
 
-def make_bundle(export: str | Path, max_step_error: int = DEFAULT_MAX_STEP_ERROR,
-                min_top1_agreement: float = DEFAULT_MIN_TOP1_AGREEMENT) -> Path:
-    """Write `export/bundle/` and `export/bundle.tar.gz`; returns the bundle folder."""
+def make_bundle(export: str | Path, max_step_error: int | None = None,
+                min_top1_agreement: float | None = None) -> Path:
+    """Write `export/bundle/` and `export/bundle.tar.gz`; returns the bundle folder.
+
+    The tolerance is the one given, else the export's own (report.json "tolerance"), else the defaults.
+    """
     export = Path(export)
     if not export.is_dir():
         raise UserError(f"{export}: not a folder (give the export folder, e.g. out/<name>/)")
@@ -144,6 +147,11 @@ def make_bundle(export: str | Path, max_step_error: int = DEFAULT_MAX_STEP_ERROR
         except ValueError as err:
             raise UserError(f"{report_path}: not valid JSON ({err})") from None
     quant = _quantization(export, artifacts, report)
+    tol = (report or {}).get("tolerance") or {}
+    if max_step_error is None:
+        max_step_error = tol.get("max_step_error", DEFAULT_MAX_STEP_ERROR)
+    if min_top1_agreement is None:
+        min_top1_agreement = tol.get("min_top1_agreement", DEFAULT_MIN_TOP1_AGREEMENT)
 
     # Build beside the final folder and swap it in: a killed run never leaves a half bundle.
     bundle = export / "bundle"
@@ -208,17 +216,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m devices.bundle", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export", help="export folder, e.g. out/<name>/")
-    p.add_argument("--max-step-error", type=int, default=DEFAULT_MAX_STEP_ERROR,
-                   help=f"largest allowed |device - sim| logit error in int8 steps (default {DEFAULT_MAX_STEP_ERROR})")
-    p.add_argument("--min-top1-agreement", type=float, default=DEFAULT_MIN_TOP1_AGREEMENT,
-                   help=f"smallest allowed device/sim top-1 agreement (default {DEFAULT_MIN_TOP1_AGREEMENT})")
+    p.add_argument("--max-step-error", type=int, default=None,
+                   help="largest allowed |device - sim| logit error in int8 steps (default: the export's "
+                        f"report.json tolerance, else {DEFAULT_MAX_STEP_ERROR})")
+    p.add_argument("--min-top1-agreement", type=float, default=None,
+                   help="smallest allowed device/sim top-1 agreement (default: the export's, else "
+                        f"{DEFAULT_MIN_TOP1_AGREEMENT})")
     args = p.parse_args(argv)
-    if args.max_step_error < 0 or not 0.0 <= args.min_top1_agreement <= 1.0:
+    if (args.max_step_error is not None and args.max_step_error < 0) or (
+            args.min_top1_agreement is not None and not 0.0 <= args.min_top1_agreement <= 1.0):
         raise UserError("--max-step-error must be >= 0 and --min-top1-agreement in [0, 1]")
     bundle = make_bundle(args.export, args.max_step_error, args.min_top1_agreement)
     manifest = json.loads((bundle / "manifest.json").read_text())
+    tol = manifest["tolerance"]
     print(f"bundle: {bundle} ({len(manifest['files'])} files, {manifest['data']['count']} images, "
-          f"artifacts: {', '.join(a['file'] for a in manifest['artifacts'])}) and {bundle.parent / 'bundle.tar.gz'}")
+          f"artifacts: {', '.join(a['file'] for a in manifest['artifacts'])}; tolerance: max "
+          f"{tol['max_step_error']} steps, top-1 agreement >= {tol['min_top1_agreement']}) "
+          f"and {bundle.parent / 'bundle.tar.gz'}")
     return 0
 
 

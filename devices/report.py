@@ -44,8 +44,8 @@ def collect(exports: list[Path]) -> list[dict]:
                     "precision": rec.get("precision"), "machine": result.get("device", {}).get("machine"),
                     "runtime": rec.get("runtime"), "images": rec["images"],
                     "accuracy_float": report.get("accuracy_float"), "accuracy_sim": rec["accuracy_sim"],
-                    "accuracy_artifact_host": report.get("accuracy_artifact") if art == report.get("artifact")
-                    else None,
+                    "accuracy_artifact_host": report.get("accuracy_artifact")
+                    if art == Path(str(report.get("artifact"))).name else None,
                     "accuracy_device": rec["accuracy"], "top1_agreement": rec["top1_agreement"],
                     "max_step_error": rec["max_step_error"], "p99_step_error": rec["p99_step_error"],
                     "latency_median_ms": rec.get("latency_ms", {}).get("median"),
