@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import flatbuffers
@@ -159,6 +159,7 @@ class _Ctx:
     qm: QuantizedModel
     g: GraphBuilder
     fp32: bool
+    folded: dict[str, str] = field(default_factory=dict)  # mean output → the reshape output it writes instead
 
     def version(self, code_name: str) -> int:
         return FP32_VERSION if self.fp32 else INT8_VERSIONS[code_name]
@@ -301,9 +302,35 @@ def _mul(c: _Ctx, op: Op) -> None:
 
 
 def _mean(c: _Ctx, op: Op) -> None:
-    axes = c.int32_const(f"{op.outputs[0]}/axes", op.attrs.get("axes", [1, 2]))
-    c.g.op("MEAN", [c.activation(op.inputs[0]), axes], [c.activation(op.outputs[0])],
-           tfl.ReducerOptionsT(keepDims=bool(op.attrs["keepdims"])), c.version("MEAN"))
+    y, keep = op.outputs[0], bool(op.attrs["keepdims"])
+    if y in c.folded:  # global pool + flatten: one MEAN without keepdims, as the converter writes it
+        y, keep = c.folded[y], False
+    axes = c.int32_const(f"{y}/axes", op.attrs.get("axes", [1, 2]))
+    c.g.op("MEAN", [c.activation(op.inputs[0]), axes], [c.activation(y)], tfl.ReducerOptionsT(keepDims=keep),
+           c.version("MEAN"))
+
+
+def fold_mean_reshape(qm: QuantizedModel, ops: list[Op]) -> dict[str, str]:
+    """mean(keepdims) → reshape to [1, C], when nothing else reads the mean: write one MEAN (keepdims false).
+
+    Exact: a reshape moves no code and shares its input's (scale, zero point) (QM convention).
+    Returns mean output → reshape output; the mean's own output tensor then does not exist in the file.
+    """
+    readers: dict[str, int] = {}
+    for op in ops:
+        for n in op.inputs:
+            readers[n] = readers.get(n, 0) + 1
+    folded = {}
+    for op in ops:
+        if op.kind != "reshape" or len(op.attrs["shape"]) != 2:
+            continue
+        src = qm.producer(op.inputs[0])
+        t_in, t_out = qm.tensors[op.inputs[0]], qm.tensors[op.outputs[0]]
+        if (src is not None and src in ops and src.kind == "mean" and src.attrs["keepdims"] and
+                readers[op.inputs[0]] == 1 and op.inputs[0] != qm.output and
+                t_in.scale.tobytes() == t_out.scale.tobytes() and np.array_equal(t_in.zero_point, t_out.zero_point)):
+            folded[op.inputs[0]] = op.outputs[0]
+    return folded
 
 
 def _pool(c: _Ctx, op: Op, code: str) -> None:
@@ -336,6 +363,8 @@ def _pad(c: _Ctx, op: Op) -> None:
 
 
 def _reshape(c: _Ctx, op: Op) -> None:
+    if op.inputs[0] in c.folded:
+        return  # written by its MEAN
     shape = c.int32_const(f"{op.outputs[0]}/shape", op.attrs["shape"])
     c.g.op("RESHAPE", [c.activation(op.inputs[0]), shape], [c.activation(op.outputs[0])], None,
            c.version("RESHAPE"))
@@ -384,6 +413,7 @@ def build_tflite(qm: QuantizedModel, fp32: bool = False, ops: list[Op] | None = 
         outputs = [ops[-1].outputs[0]]
     for name in inputs:
         c.activation(name)
+    c.folded = fold_mean_reshape(qm, ops)
     for op in ops:
         EMITTERS[op.kind](c, op)
     name = qm.meta.get("name", "model")

@@ -181,6 +181,8 @@ def per_layer_errors(qm: QuantizedModel, layer_runners: list[Any], images: np.nd
             row[f"{label} vs sim"] = step_errors(a, sim[name])
             if ref is not None and name in ref:
                 row[f"{label} vs reference"] = step_errors(a, ref[name].reshape(a.shape))
+        if not any(name in tensors for tensors in got.values()):
+            row["note"] = "not a tensor of the artifact (the writer fused this op into the next one)"
         rows.append(row)
     return rows
 
