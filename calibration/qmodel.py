@@ -185,6 +185,14 @@ class QuantizedModel:
             raise UserError(f"output tensor {self.output!r} is never produced")
 
 
+def input_codes(images: np.ndarray) -> np.ndarray:
+    """uint8 NHWC pixels → the QM's int8 input codes (pixel - 128)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise UserError(f"images must be uint8 NHWC, got {images.dtype}")
+    return (images.astype(np.int16) - 128).astype(np.int8)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Save / load
 

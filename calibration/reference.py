@@ -29,8 +29,7 @@ import math
 
 import numpy as np
 
-from calibration.qmodel import Op, QuantizedModel
-from calibration.sim import input_codes
+from calibration.qmodel import Op, QuantizedModel, input_codes
 from ghnq.cli import UserError
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
@@ -90,7 +89,7 @@ def multiply_by_quantized_multiplier(x: np.ndarray, mult: int | np.ndarray, shif
                                   right)
 
 
-def activation_range(op: Op, scale: float, zp: int) -> tuple[int, int]:
+def activation_range(op: Op, scale: float, zp: int, qmin: int = -128, qmax: int = 127) -> tuple[int, int]:
     """CalculateActivationRangeQuantized: clamp bounds of the fused activation, in output codes."""
     def quantize(f: float) -> int:
         v = np.float32(f) / np.float32(scale)  # float32 division, as the C++ float lambda
@@ -98,10 +97,10 @@ def activation_range(op: Op, scale: float, zp: int) -> tuple[int, int]:
 
     fused = op.attrs.get("fused", "none")
     if fused in ("relu", "relu_0_to_1"):  # relu_0_to_1 is written as RELU; its (1/255, -128) range clamps at 1
-        return max(-128, quantize(0.0)), 127
+        return max(qmin, quantize(0.0)), qmax
     if fused == "relu6":
-        return max(-128, quantize(0.0)), min(127, quantize(6.0))
-    return -128, 127
+        return max(qmin, quantize(0.0)), min(qmax, quantize(6.0))
+    return qmin, qmax
 
 
 def _exact_dot(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -209,13 +208,17 @@ def mul(op: Op, a: np.ndarray, b: np.ndarray, qa: tuple[float, int], qb: tuple[f
     return np.clip(y, lo, hi).astype(np.int8)
 
 
+def mean_multiplier(s_in: float, s_out: float, n: int) -> tuple[int, int]:
+    """LiteRT 2.3.0 QuantizedMeanOrSum: QuantizeMultiplier(s_in/s_out) with 1/N folded in (truncating)."""
+    mult, shift = quantize_multiplier(float(s_in) / float(s_out))
+    s = min(n.bit_length() - 1, 32, 31 + shift)  # 63 - CountLeadingZeros(N) = floor(log2 N)
+    return int((mult << s) // n), shift - s
+
+
 def mean(op: Op, x: np.ndarray, qi: tuple[float, int], qo: tuple[float, int]) -> np.ndarray:
     """reference_ops::QuantizedMeanOrSum (LiteRT 2.3.0) over H, W: 1/N folded into the multiplier."""
     n = x.shape[1] * x.shape[2]
-    mult, shift = quantize_multiplier(float(qi[0]) / float(qo[0]))
-    s = min(n.bit_length() - 1, 32, 31 + shift)  # 63 - CountLeadingZeros(N) = floor(log2 N)
-    mult = int((mult << s) // n)
-    shift -= s
+    mult, shift = mean_multiplier(qi[0], qo[0], n)
     total = x.astype(np.int64).sum(axis=(1, 2), keepdims=op.attrs["keepdims"]) - qi[1] * n
     y = multiply_by_quantized_multiplier(total, mult, shift) + qo[1]
     return _saturate_int8(y)

@@ -1,20 +1,30 @@
-"""Fake-quant simulation of a QuantizedModel in torch, and the float op executor it shares with calibration.
+"""Fake-quant simulation of a QuantizedModel in torch, and the float op executor calibration uses.
 
 `run_ops` executes a QuantizedModel-style op list in float (NCHW inside, batched, CPU or CUDA) and calls
-`hook(tensor_name, value)` on every op output. Calibration runs it with float weights and observer hooks;
-the simulation runs it with dequantized weights and a hook that quantizes every output to exactly the
-QuantizedModel's (scale, zero point, bits) and dequantizes it again:
+`hook(tensor_name, value)` on every op output: calibration runs it with float weights and observer hooks.
 
-    q = clamp(round_half_away(y / scale) + zero_point, qmin, qmax),   y' = (q - zero_point) · scale
+`Simulator` runs the QuantizedModel itself: every tensor is held as its quantized codes (integers stored
+in float64 tensors, batched, CPU or CUDA), quantized at exactly the QM's tensors with the QM's
+(scale, zero point, bits). Each op dequantizes its inputs, computes, and quantizes its output again:
+    conv / depthwise / fc / mul / mean: the exact integer accumulator acc = Σ (q_x - zp_x)·q_w + q_b
+      (float64 holds it exactly), then requantized to the output scale;
+    add / hardswish: in real values, y = f((q - zp)·s), then q = round_half_away(y / s_out) + zp_out;
+    max/avg pool, pad, reshape: on the codes (they share their input's scale);
+then the fused-activation clamp and the saturating cast to the tensor's [qmin, qmax] (4-bit activations
+exist only here). Requantization (`rounding`):
+    "tflite" (default): the integer kernels' own rule — conv/depthwise/mul/mean apply TFLite's fixed-point
+      multiplier (MultiplyByQuantizedMultiplier: rounding-doubling high-mul, then rounding right shift;
+      MEAN with LiteRT's 1/N-folded multiplier), fully_connected rounds double(acc)·s_in·s_w/s_out half
+      away from zero (LiteRT 2.3.0's per-channel reference kernel). The float parts (add, hardswish) may
+      differ from the integer reference by one code.
+    "float": textbook fake-quant, round_half_away(acc · s_in·s_w[c] / s_out) everywhere.
+The input is the int8 code `pixel - 128` (scale 1/255, zero point -128).
 
-Fused activations are clamps in float before that (relu: ≥ 0, relu6: [0, 6], relu_0_to_1: [0, 1]). Weights
-are `q_w · s_w[c]`, biases `q_b · s_b[c]`. Activation bits come from each tensor (4-bit activations exist
-only here). The input is the int8 code `pixel - 128` (scale 1/255, zero point -128).
-
-Integer weights swapped in (the low-bit evolutionary search): `Simulator(qm, device)` keeps the dequantized
-constants on the device; `Simulator.forward(x_codes, weights={weight_key: int8 codes})` replaces the named
-weights' codes (same shape, same per-channel scales as the QM) for that call only and returns int8 logit
-codes as a torch tensor on the device, batched over images. `qm.weight_keys()` lists the keys.
+Integer weights swapped in (the low-bit evolutionary search): `Simulator(qm, device)` keeps the constants
+on the device; `Simulator.forward(x_codes, weights={weight_key: int8 codes})` replaces the named weights'
+codes (same shape; the QM's per-channel scales and biases are kept) for that call only and returns the
+int8 logit codes as a torch tensor on the device, batched over images. `qm.weight_keys()` lists the keys.
+On CUDA, `dtype=torch.float32` is faster and still exact while every accumulator stays below 2^24.
 """
 
 from __future__ import annotations
@@ -25,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calibration.qmodel import Op, QuantizedModel
+from calibration.qmodel import Op, QuantizedModel, input_codes
+from calibration.reference import activation_range, mean_multiplier, quantize_multiplier
 
 Hook = Callable[[str, torch.Tensor], torch.Tensor]
 _CLAMP = {"none": (None, None), "relu": (0.0, None), "relu6": (0.0, 6.0), "relu_0_to_1": (0.0, 1.0)}
@@ -97,30 +108,96 @@ def run_ops(ops: list[Op], input_name: str, x: torch.Tensor, consts: dict[str, t
     return env
 
 
-def dequantize_const(qm: QuantizedModel, name: str, codes: torch.Tensor | np.ndarray | None = None,
-                     device: str | torch.device = "cpu") -> torch.Tensor:
-    """q · scale per channel (axis 0) as float32 on `device`; `codes` replaces the stored codes."""
-    t = qm.tensors[name]
-    q = torch.as_tensor(t.data if codes is None else codes, device=device).to(torch.float32)
-    s = torch.as_tensor(t.scale, device=device)
-    return q * s.view(-1, *([1] * (q.dim() - 1)))
-
-
 class Simulator:
     """Fake-quant simulation of one QuantizedModel on one device (see module docstring)."""
 
-    def __init__(self, qm: QuantizedModel, device: str | torch.device = "cpu"):
-        self.qm, self.device = qm, torch.device(device)
-        self.consts = {n: dequantize_const(qm, n, device=self.device) for n, t in qm.tensors.items() if t.is_const}
-        self.qparams = {n: (float(t.scale[0]), int(t.zero_point[0]), t.qmin, t.qmax)
-                        for n, t in qm.tensors.items() if not t.is_const}
+    def __init__(self, qm: QuantizedModel, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
+                 rounding: str = "tflite"):
+        if rounding not in ("tflite", "float"):
+            raise ValueError(f"rounding {rounding!r}; allowed: tflite, float")
+        self.qm, self.device, self.dtype, self.rounding = qm, torch.device(device), dtype, rounding
+        self.consts = {n: torch.as_tensor(t.data, device=self.device).to(dtype)
+                       for n, t in qm.tensors.items() if t.is_const}
+        self.q = {n: (float(t.scale[0]), int(t.zero_point[0]), t.qmin, t.qmax)
+                  for n, t in qm.tensors.items() if not t.is_const}
+        self.params = [self._prepare(op) for op in qm.ops]
 
-    def _fake_quant(self, name: str, y: torch.Tensor, codes: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        scale, zp, qmin, qmax = self.qparams[name]
-        q = (round_half_away(y / scale) + zp).clamp(qmin, qmax)
-        if codes is not None or name == self.qm.output:
-            self._codes[name] = q
-        return (q - zp) * scale
+    def _prepare(self, op: Op) -> dict:
+        """Per-op constants computed once (the Prepare step of a TFLite kernel)."""
+        out = op.outputs[0]
+        s_out, zp_out, qmin, qmax = self.q[out]
+        p: dict = {"clamp": activation_range(op, s_out, zp_out, qmin, qmax)}
+        dev = self.device
+        if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected"):
+            s_in = self.q[op.inputs[0]][0]
+            s_w = self.qm.tensors[op.inputs[1]].scale
+            eff = [float(s_in) * float(s) / float(s_out) for s in s_w]
+            p["eff"] = torch.tensor(eff, dtype=torch.float64, device=dev)
+            mults = [quantize_multiplier(e) for e in eff]
+            p["mult"] = torch.tensor([m for m, _ in mults], dtype=torch.int64, device=dev)
+            p["shift"] = torch.tensor([s for _, s in mults], dtype=torch.int64, device=dev)
+        elif op.kind == "mul":
+            (sa, _, _, _), (sb, _, _, _) = self.q[op.inputs[0]], self.q[op.inputs[1]]
+            p["eff"] = float(sa) * float(sb) / float(s_out)
+            p["mult"], p["shift"] = quantize_multiplier(p["eff"])
+        elif op.kind == "mean":
+            shape = self.qm.tensors[op.inputs[0]].shape
+            n = shape[1] * shape[2]
+            p["n"] = n
+            p["eff"] = float(self.q[op.inputs[0]][0]) / (n * float(s_out))
+            p["mult"], p["shift"] = mean_multiplier(self.q[op.inputs[0]][0], s_out, n)
+        return p
+
+    def _requantize(self, acc: torch.Tensor, p: dict, per_channel: bool) -> torch.Tensor:
+        """Integer accumulator → output code offset (before + zp_out)."""
+        view = (lambda t: t.view(1, -1, *([1] * (acc.dim() - 2)))) if per_channel else (lambda t: t)
+        if self.rounding == "float":
+            eff = view(p["eff"]) if per_channel else p["eff"]
+            return round_half_away(acc * eff)
+        mult = view(p["mult"]) if per_channel else p["mult"]
+        shift = view(p["shift"]) if per_channel else p["shift"]
+        return multiply_by_quantized_multiplier(acc.to(torch.int64), mult, shift).to(acc.dtype)
+
+    def _op(self, op: Op, p: dict, args: list[torch.Tensor]) -> torch.Tensor:
+        k, a = op.kind, op.attrs
+        s_out, zp_out, _, _ = self.q[op.outputs[0]]
+        ins = [self.q.get(n) for n in op.inputs]
+        if k in ("conv2d", "depthwise_conv2d", "fully_connected"):
+            x, w, b = args
+            xo = x - ins[0][1]
+            if k == "fully_connected":
+                acc = F.linear(xo, w, b)
+                y = round_half_away(acc * p["eff"])  # LiteRT's per-channel FC reference rounds this in double
+            else:
+                groups = x.shape[1] if k == "depthwise_conv2d" else 1
+                acc = F.conv2d(_pad(xo, a["padding"]), w, b, stride=a["stride"], dilation=a["dilation"],
+                               groups=groups)
+                y = self._requantize(acc, p, per_channel=True)
+        elif k == "mul":
+            acc = (args[0] - ins[0][1]) * (args[1] - ins[1][1])
+            y = self._requantize(acc, p, per_channel=False)
+        elif k == "mean":
+            acc = (args[0] - ins[0][1]).sum(dim=(2, 3), keepdim=a["keepdims"])
+            y = self._requantize(acc, p, per_channel=False)
+        elif k in ("add", "hardswish"):
+            real = [(t - q[1]) * q[0] for t, q in zip(args, ins, strict=True)]
+            y = round_half_away((real[0] + real[1] if k == "add" else F.hardswish(real[0])) / s_out)
+        elif k == "max_pool2d":
+            return F.max_pool2d(_pad(args[0], a["padding"], float("-inf")), a["kernel"], a["stride"])
+        elif k == "avg_pool2d":
+            x = args[0]
+            total = F.avg_pool2d(_pad(x, a["padding"]), a["kernel"], a["stride"], divisor_override=1)
+            count = F.avg_pool2d(_pad(torch.ones_like(x[:1, :1]), a["padding"]), a["kernel"], a["stride"],
+                                 divisor_override=1)
+            return round_half_away(total / count)  # TFLite: (sum ± count/2) / count, truncating
+        elif k == "pad":
+            return _pad(args[0], a["padding"], float(ins[0][1]))
+        elif k == "reshape":
+            return _to_nchw(_to_nhwc(args[0]).reshape(args[0].shape[0], *a["shape"][1:]))
+        else:
+            raise ValueError(f"op kind {k!r}")
+        lo, hi = p["clamp"]
+        return (y + zp_out).clamp(lo, hi)
 
     @torch.no_grad()
     def forward(self, x_codes: torch.Tensor, weights: dict[str, torch.Tensor] | None = None,
@@ -130,18 +207,16 @@ class Simulator:
         if weights:
             consts = dict(consts)
             for name, q in weights.items():
-                if name not in consts:
-                    raise KeyError(f"{name!r} is not a constant of this model; keys: qm.weight_keys()")
-                consts[name] = dequantize_const(self.qm, name, q, self.device)
-        codes: dict[str, torch.Tensor] | None = {} if capture else None
-        self._codes = {}
-        s_in, zp_in, _, _ = self.qparams[self.qm.input]
-        x = (_to_nchw(x_codes.to(self.device, torch.float32)) - zp_in) * s_in
-        run_ops(self.qm.ops, self.qm.input, x, consts, lambda n, y: self._fake_quant(n, y, codes))
-        logits = self._codes[self.qm.output].to(torch.int8)
+                if name not in consts or tuple(q.shape) != tuple(consts[name].shape):
+                    raise KeyError(f"{name!r}: not a weight of this model or wrong shape; keys: qm.weight_keys()")
+                consts[name] = torch.as_tensor(q, device=self.device).to(self.dtype)
+        env = {self.qm.input: _to_nchw(x_codes.to(self.device, self.dtype))}
+        for op, p in zip(self.qm.ops, self.params, strict=True):
+            env[op.outputs[0]] = self._op(op, p, [env[n] if n in env else consts[n] for n in op.inputs])
+        logits = env[self.qm.output].to(torch.int8)
         if not capture:
             return logits
-        return logits, {n: _to_nhwc(c).to(torch.int8) for n, c in self._codes.items()}
+        return logits, {n: _to_nhwc(c).to(torch.int8) for n, c in env.items()}
 
     def run(self, images: np.ndarray, weights: dict[str, torch.Tensor] | None = None, capture: bool = False,
             batch_size: int = 256) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -161,16 +236,32 @@ class Simulator:
         return logits, {n: np.concatenate(v) for n, v in caps.items()}
 
 
-def input_codes(images: np.ndarray) -> np.ndarray:
-    """uint8 pixels → the QM's int8 input codes (pixel - 128)."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 NHWC, got {images.dtype}")
-    return (images.astype(np.int16) - 128).astype(np.int8)
-
-
 def simulate(qm: QuantizedModel, images: np.ndarray, weights: dict[str, torch.Tensor] | None = None,
-             capture: bool = False, device: str = "cpu", batch_size: int = 256
+             capture: bool = False, device: str = "cpu", batch_size: int = 256, rounding: str = "tflite"
              ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
     """Fake-quant run of `qm` on uint8 NHWC images: int8 logit codes (and every tensor's codes if capture)."""
-    return Simulator(qm, device).run(images, weights, capture, batch_size)
+    return Simulator(qm, device, rounding=rounding).run(images, weights, capture, batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# TFLite's fixed-point requantization on int64 torch tensors (the same rules as calibration.reference)
+
+
+def saturating_rounding_doubling_high_mul(a: torch.Tensor, b: torch.Tensor | int) -> torch.Tensor:
+    ab = a * b
+    nudge = torch.where(ab >= 0, 1 << 30, 1 - (1 << 30))
+    return torch.div(ab + nudge, 1 << 31, rounding_mode="trunc")  # (a = b = INT32_MIN cannot occur: b > 0)
+
+
+def rounding_divide_by_pot(x: torch.Tensor, exponent: torch.Tensor | int) -> torch.Tensor:
+    e = torch.as_tensor(exponent, dtype=torch.int64, device=x.device)
+    mask = (torch.ones_like(e) << e) - 1
+    threshold = (mask >> 1) + (x < 0).to(torch.int64)
+    return (x >> e) + ((x & mask) > threshold).to(torch.int64)
+
+
+def multiply_by_quantized_multiplier(x: torch.Tensor, mult: torch.Tensor | int, shift: torch.Tensor | int
+                                     ) -> torch.Tensor:
+    shift = torch.as_tensor(shift, dtype=torch.int64, device=x.device)
+    left, right = shift.clamp(min=0), (-shift).clamp(min=0)
+    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x << left, mult), right)
