@@ -67,7 +67,7 @@ class _AlignedBufferT(tfl.BufferT):
             builder.StartVector(1, len(payload), 16)
             builder.head -= len(payload)
             builder.Bytes[builder.head:builder.head + len(payload)] = payload
-            data = builder.EndVector(len(payload))
+            data = builder.EndVector()
         tfl.BufferStart(builder)
         if data is not None:
             tfl.BufferAddData(builder, data)
