@@ -115,37 +115,49 @@ def top1(codes: np.ndarray, labels: np.ndarray) -> float:
     return float((np.argmax(codes, axis=1) == labels).mean())
 
 
+def predicted_accuracy(model: torch.nn.Module, bits: tuple[int, ...], data: Data, method: str = "minmax",
+                       step: Any = lambda name: None) -> tuple[dict[str, float], Any, np.ndarray, str]:
+    """GHN-Q weights → calibrate → sim top-1 per bit width: ({bits: top-1}, 8-bit QM, its test codes, weights)."""
+    from calibration import calibrate, simulate
+    from ghnq.weights import obtain_weights
+
+    name = getattr(model, "spec", {}).get("name", "model")
+    acc: dict[str, float] = {}
+    qm8 = codes8 = None
+    weights8 = ""
+    for b in bits:
+        step(f"{name}: predict + quantize w{b}")
+        # GHN-Q conditions its prediction on the bit width; predicted BN statistics are fresh, so re-estimate
+        weights = obtain_weights(model, bits=b, quiet=True)
+        qm = calibrate(model, data.calib, method=method, weight_bits=b, act_bits=8, bn_recalibrate=True,
+                       progress=False, meta={"name": name, "weights": weights, "calibration_source": data.calib_source})
+        step(f"{name}: sim w{b}")
+        codes = simulate(qm, data.test)
+        acc[str(b)] = top1(codes, data.labels)
+        if b == 8:
+            qm8, codes8, weights8 = qm, codes, weights
+    if qm8 is None or codes8 is None:
+        raise ValueError("bits must include 8")
+    return acc, qm8, codes8, weights8
+
+
 def evaluate_spec(spec: dict, s: Settings, data: Data, target: Any, folder: Path,
                   step: Any = lambda name: None) -> dict:
     """Weights → quantize → sim accuracy at every bit width → int8 .tflite → device check + latency."""
-    from calibration import calibrate, simulate
     from calibration.qmodel import input_codes, save
     from devices.bundle import VERIFY_FILES, make_bundle
     from devices.run import run_bundle
     from export.tflite import write_tflite
     from ghnq.sampler import spec_hash
     from ghnq.spec import build_model, spec_name, summarize
-    from ghnq.weights import obtain_weights
 
     t0 = time.perf_counter()
     name = spec_name(spec)
     model = build_model(spec)
     info = summarize(model, spec["input"])
+    acc, qm8, codes8, weights = predicted_accuracy(model, s.bits, data, s.method, step)
     row: dict[str, Any] = {"name": name, "hash": spec_hash(spec)[:16], "macs": info["macs"],
-                           "params": info["params"], "top1": {}}
-    qm8 = codes8 = None
-    for b in s.bits:
-        step(f"{name}: predict + quantize w{b}")
-        # GHN-Q conditions its prediction on the bit width; predicted BN statistics are fresh, so re-estimate
-        weights = obtain_weights(model, bits=b, quiet=True)
-        qm = calibrate(model, data.calib, method=s.method, weight_bits=b, act_bits=8, bn_recalibrate=True,
-                       progress=False, meta={"name": name, "weights": weights, "calibration_source": data.calib_source})
-        step(f"{name}: sim w{b}")
-        codes = simulate(qm, data.test)
-        row["top1"][str(b)] = top1(codes, data.labels)
-        if b == 8:
-            qm8, codes8, row["weights"] = qm, codes, weights
-    assert qm8 is not None and codes8 is not None  # 8 is always in s.bits
+                           "params": info["params"], "top1": acc, "weights": weights}
 
     step(f"{name}: export int8 .tflite")
     artifact = write_tflite(qm8, folder / f"{name}_int8.tflite")
