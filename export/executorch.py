@@ -17,11 +17,14 @@ Route (each step one function below, read top to bottom):
      zero point (TFLite's MEAN requantizes, and XNNPACK's int8 global average pooling does too); with it, every
      model with a global-average-pool head would have to fail the "QM must agree" check. Annotating from
      the QM states each sharing explicitly instead (pools, pad and reshape share because the QM says so).
-  3. `lower`: `to_edge` → `QuantizeInputs` / `QuantizeOutputs` (int8 in, int8 out; they only work before
-     `to_backend`, see ../shared/EXPORT-NOTES.md) → `to_backend(XnnpackPartitioner())` → `to_executorch`.
-     `aten.linear` is preserved through `to_edge` so the per-channel fully connected layer stays one
-     XNNPACK op instead of permute + addmm (which the partitioner leaves on the portable kernels).
-  4. `check_program`: the converted program's q/dq parameters and int8 weights are read back and compared
+  3. `lower`: int8 I/O first, on the ATen program: `quantize_input` / `quantize_output` (the functions
+     behind ExecuTorch's QuantizeInputs / QuantizeOutputs passes) drop the input's quantize and the output's
+     dequantize, so the program takes and returns int8 codes; then `to_edge_transform_and_lower` with the
+     `XnnpackPartitioner` (which keeps linear / max_pool2d / hardswish undecomposed for XNNPACK) →
+     `to_executorch`. (After lowering, the delegate has already absorbed those q/dq nodes, see
+     ../shared/EXPORT-NOTES.md; with plain `to_edge` + `to_backend`, `to_edge` decomposes linear into
+     permute + addmm and max_pool2d into max_pool2d_with_indices, which stayed on the portable kernels.)
+  4. `check_converted`: the converted program's q/dq parameters and int8 weights are read back and compared
      with the QM (and the int32 bias XNNPACK will derive), and the delegation summary says what, if
      anything, is left outside XNNPACK. Both go into the report.
 
@@ -455,14 +458,13 @@ def read_params(qm: QuantizedModel, gm: fx.GraphModule) -> ProgramParams:
     chains = _op_chains_converted(gm)
     acts: dict[str, tuple[float, int]] = {}
     weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    biases: dict[str, np.ndarray] = {}
+    float_biases: dict[int, torch.Tensor] = {}
     mismatch: list[str] = []
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
         if n.target in q_ops:
-            src = n.args[0]
-            name = _tensor_of(qm, src, chains)
+            name = _tensor_of(qm, n.args[0], chains)
             val = (float(_const(gm, n.args[1])), int(_const(gm, n.args[2])))
             if name in acts and acts[name] != val:
                 mismatch.append(f"{name}: two quantize nodes {acts[name]} and {val}")
@@ -473,14 +475,19 @@ def read_params(qm: QuantizedModel, gm: fx.GraphModule) -> ProgramParams:
         elif n.target == qd.dequantize_per_channel.default:
             user = next(iter(n.users))
             i = _op_index(user)
-            op = qm.ops[i]
             codes = _const(gm, n.args[0]).detach().numpy()
             scale = _const(gm, n.args[1]).detach().numpy().astype(np.float32)
-            weights[op.inputs[1]] = (codes, scale)
+            weights[qm.ops[i].inputs[1]] = (codes, scale)
             bias = _const(gm, user.args[2]) if len(user.args) > 2 else None
             if isinstance(bias, torch.Tensor):
-                s_in = acts.get(op.inputs[0], (float(qm.tensors[op.inputs[0]].scale[0]), 0))[0]
-                biases[op.inputs[2]] = xnnpack_bias_codes(bias.detach(), torch.from_numpy(scale), s_in)
+                float_biases[i] = bias.detach()
+    # the int32 bias XNNPACK will serialize, from the program's own input and weight scales
+    biases = {}
+    for i, bias in float_biases.items():
+        op = qm.ops[i]
+        if op.inputs[0] in acts:
+            biases[op.inputs[2]] = xnnpack_bias_codes(bias, torch.from_numpy(weights[op.inputs[1]][1]),
+                                                      acts[op.inputs[0]][0])
     return ProgramParams(acts, weights, biases, mismatch)
 
 
@@ -530,10 +537,10 @@ def check_converted(qm: QuantizedModel, gm: fx.GraphModule) -> ProgramParams:
             errors.append(f"{name}: no quantize node")
         elif got != want:
             errors.append(f"{name}: program {got}, QM {want}")
-    for name, (got, want_like) in ((n, (v, n)) for n, v in p.activations.items() if n.endswith("/pad")):
-        src = next(op.inputs[0] for op in qm.ops if op.outputs[0] == name[:-4])
-        if got != p.activations.get(src):
-            errors.append(f"{want_like}: explicit pad parameters {got} differ from its input's")
+    for op in qm.ops:  # a conv's explicit pad keeps its input's parameters
+        pad = p.activations.get(f"{op.outputs[0]}/pad")
+        if pad is not None and pad != p.activations.get(op.inputs[0]):
+            errors.append(f"{op.outputs[0]}/pad: parameters {pad} differ from its input's")
     for op in qm.ops:
         if op.kind not in GEMM:
             continue
@@ -614,8 +621,8 @@ def build(qm: QuantizedModel, out_dir: Path, name: str, args: argparse.Namespace
     t = qm.tensors[qm.input]
     runners = Runners(runner=ExecuTorchRunner(p8, args.threads),
                       float_runners=[ExecuTorchRunner(p32, args.threads, (float(t.scale[0]), int(t.zero_point[0])))])
-    info = {"route": "QM → torch module → PT2E (QM-fixed quantizer) → to_edge + QuantizeInputs/Outputs → "
-                     "XnnpackPartitioner", "executorch": _executorch_version(),
+    info = {"route": "QM → torch module → PT2E (QM-fixed quantizer) → quantize_input/output → "
+                     "to_edge_transform_and_lower(XnnpackPartitioner)", "executorch": _executorch_version(),
             "delegation": int8.delegation, "fp32_delegation": fp32.delegation,
             "seconds": {"int8": int8.seconds, "fp32": fp32.seconds}}
     if int8.delegation["compute_outside_delegate"]:
