@@ -209,3 +209,16 @@ def test_report_and_bench(export: Path, tmp_path: Path):
     assert (tmp_path / "bench" / "bench.png").read_bytes()[:4] == b"\x89PNG"
     r = _py("-m", "devices.bench", "--threads", "0,x", str(export / "bundle"))
     assert r.returncode == 2 and "--threads" in r.stderr
+
+
+def test_tolerance_comes_from_the_export_report_unless_given(export: Path, tmp_path: Path):
+    import shutil
+
+    other = Path(shutil.copytree(export, tmp_path / "z", ignore=shutil.ignore_patterns("bundle*")))
+    report = json.loads((other / "report.json").read_text())
+    report["tolerance"] = {"max_step_error": 1, "min_top1_agreement": 0.999}
+    (other / "report.json").write_text(json.dumps(report))
+    tol = json.loads((make_bundle(other) / "manifest.json").read_text())["tolerance"]
+    assert tol == {"max_step_error": 1, "min_top1_agreement": 0.999}
+    tol = json.loads((make_bundle(other, 3, 0.5) / "manifest.json").read_text())["tolerance"]
+    assert tol == {"max_step_error": 3, "min_top1_agreement": 0.5}

@@ -163,11 +163,14 @@ class PteModel:
             from executorch.runtime import Runtime
         except ImportError:
             raise BundleError("no ExecuTorch runtime: pip install executorch (for .pte artifacts)") from None
-        import executorch
+        from importlib import metadata
 
         with contextlib.suppress(AttributeError):  # thread pool size: a private hook in executorch 1.x
             portable_lib._unsafe_reset_threadpool(threads)
-        self.runtime = f"executorch {getattr(executorch, '__version__', '?')}"
+        try:
+            self.runtime = f"executorch {metadata.version('executorch')}"
+        except metadata.PackageNotFoundError:
+            self.runtime = "executorch ?"
         self.method = Runtime.get().load_program(path).load_method("forward")
         meta = self.method.metadata
         tin, tout = meta.input_tensor_meta(0), meta.output_tensor_meta(0)
