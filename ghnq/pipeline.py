@@ -251,7 +251,8 @@ def stage_flags(a: argparse.Namespace, stage: str) -> dict:
            "refine": {"budget": a.budget_evals, "seed": a.seed, "train_images": a.train_images},
            "export": {"formats": a.formats},
            "verify": {"tol": [a.max_step_error, a.min_agreement], "reference": a.reference_images},
-           "device": {"target": a.target, "threads": a.threads, "runs": a.runs}}[stage]
+           "device": {"target": a.target, "threads": a.threads, "runs": a.runs, "qemu_cpu": a.qemu_cpu,
+                      "python": a.python}}[stage]
     return {**common, **own}
 
 

@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     calib, _, calib_source = load_eval_images(args.calib_images, args.data_root, split="train", quiet=True)
     data = Data(calib, test, labels, calib_source, test_source)
     s = Settings(bits=bits, images=len(test), calib_images=len(calib), verify_images=args.verify_images,
-                 runs=args.runs, warmup=args.warmup, threads=args.threads, target=args.target, method=args.method,
+                 runs=args.runs, warmup=args.warmup, threads=args.threads, target=target.name, method=args.method,
                  weights=_checkpoint_id(), data=f"{test_source} | {calib_source}")
     if s.weights == "random":
         print("WARNING: no GHN-Q checkpoint in this build (ghnq/assets/ghnq.pt): every spec gets a seeded random "

@@ -68,6 +68,7 @@ def test_bad_spec_fails_before_the_first_stage(tmp_path: Path) -> None:
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.slow
 def test_pipeline_4bit_all_stages_then_resume(tmp_path: Path) -> None:
     out = tmp_path / "p"
     argv = ["--arch", str(tiny(tmp_path)), "--bits", "4", "--budget-evals", "100", "--target", "local",
@@ -114,6 +115,7 @@ def test_pipeline_4bit_all_stages_then_resume(tmp_path: Path) -> None:
     assert after["5-verify"] != before["5-verify"] and after["6-device"] != before["6-device"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_keeps_finished_stages(tmp_path: Path) -> None:
     out = tmp_path / "p"
     argv = ["--arch", str(tiny(tmp_path)), "--bits", "4", "--budget-evals", "400", "--checkpoint-every", "0.5",
