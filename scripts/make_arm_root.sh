@@ -32,6 +32,10 @@ key=$( { cat "$0"; echo "$SUITE $DEB_PACKAGES ${WHEELS[*]} ${PLATFORMS[*]}"; } |
 root="$cache/$key"
 if [ -f "$root/.ghnq-complete" ]; then echo "$root"; exit 0; fi
 
+if [ "$(id -u)" != 0 ]; then
+  echo "error: building the aarch64 root needs root (debootstrap); run scripts/make_arm_root.sh once as root" >&2
+  exit 3
+fi
 for tool in debootstrap dpkg-deb; do
   command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool not found (run scripts/system-deps.sh as root)" >&2; exit 2; }
 done

@@ -35,6 +35,8 @@ def arm_root() -> str:
     t = time.time()
     r = subprocess.run(["bash", str(ROOT / "scripts" / "make_arm_root.sh")], capture_output=True, text=True,
                        timeout=900)
+    if r.returncode == 3:  # not root, nothing cached: debootstrap cannot run
+        pytest.skip(r.stderr.strip())
     assert r.returncode == 0, r.stderr
     print(f"\naarch64 root ready in {time.time() - t:.1f} s: {r.stdout.strip()}")
     return r.stdout.strip().splitlines()[-1]
