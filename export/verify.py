@@ -276,6 +276,12 @@ def report_markdown(r: dict[str, Any]) -> str:
                      f"{e['codes']} |")
     for fa in r.get("float_artifacts", []):
         lines.append(f"| accuracy, {fa['runtime']} | {pct(fa['accuracy'])} |")
+    exact = r.get("exact") or []
+    if not r.get("passed") and exact and all(e["differing_codes"] == 0 for e in exact):
+        lines += ["", f"The file itself is exact ({', '.join(e['runtime'] for e in exact)} = the integer reference, "
+                  "code for code). The tolerance misses come from the runtime's own int8 rounding (the "
+                  "XNNPACK delegate rounds up to one code per op differently from the reference kernels), "
+                  "accumulated through the network."]
     if r.get("per_layer"):
         series = sorted({k for row in r["per_layer"] for k in row if k.endswith((" vs sim", " vs reference"))})
         lines += ["", f"## Per layer ({r.get('per_layer_images')} images; max |difference| in int8 steps)", "",
