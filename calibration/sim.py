@@ -8,15 +8,16 @@ in float64 tensors, batched, CPU or CUDA), quantized at exactly the QM's tensors
 (scale, zero point, bits). Each op dequantizes its inputs, computes, and quantizes its output again:
     conv / depthwise / fc / mul / mean: the exact integer accumulator acc = Σ (q_x - zp_x)·q_w + q_b
       (float64 holds it exactly), then requantized to the output scale;
-    add / hardswish: in real values, y = f((q - zp)·s), then q = round_half_away(y / s_out) + zp_out;
+    add: in real values, y = (q_a - zp_a)·s_a + (q_b - zp_b)·s_b, then q = round_half_away(y / s_out) + zp_out;
+    hardswish: a 256-entry table of TFLite's int16 fixed-point HARD_SWISH (from calibration.reference);
     max/avg pool, pad, reshape: on the codes (they share their input's scale);
 then the fused-activation clamp and the saturating cast to the tensor's [qmin, qmax] (4-bit activations
 exist only here). Requantization (`rounding`):
     "tflite" (default): the integer kernels' own rule — conv/depthwise/mul/mean apply TFLite's fixed-point
       multiplier (MultiplyByQuantizedMultiplier: rounding-doubling high-mul, then rounding right shift;
       MEAN with LiteRT's 1/N-folded multiplier), fully_connected rounds double(acc)·s_in·s_w/s_out half
-      away from zero (LiteRT 2.3.0's per-channel reference kernel). The float parts (add, hardswish) may
-      differ from the integer reference by one code.
+      away from zero (LiteRT 2.3.0's per-channel reference kernel). Only add is computed in float (TFLite
+      uses a left-shift-20 fixed-point rescale) and may differ from the integer reference by one code.
     "float": textbook fake-quant, round_half_away(acc · s_in·s_w[c] / s_out) everywhere.
 The input is the int8 code `pixel - 128` (scale 1/255, zero point -128).
 
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from calibration.qmodel import Op, QuantizedModel, input_codes
-from calibration.reference import activation_range, mean_multiplier, quantize_multiplier
+from calibration.reference import activation_range, hardswish, mean_multiplier, quantize_multiplier
 
 Hook = Callable[[str, torch.Tensor], torch.Tensor]
 _CLAMP = {"none": (None, None), "relu": (0.0, None), "relu6": (0.0, 6.0), "relu_0_to_1": (0.0, 1.0)}
@@ -140,6 +141,12 @@ class Simulator:
             (sa, _, _, _), (sb, _, _, _) = self.q[op.inputs[0]], self.q[op.inputs[1]]
             p["eff"] = float(sa) * float(sb) / float(s_out)
             p["mult"], p["shift"] = quantize_multiplier(p["eff"])
+        elif op.kind == "hardswish":
+            # an elementwise int8 op is a 256-entry table: take it from the integer reference (TFLite's int16
+            # fixed-point HARD_SWISH), so the sim is bit-exact here too
+            qi, qo = self.q[op.inputs[0]], self.q[op.outputs[0]]
+            lut = hardswish(np.arange(-128, 128).astype(np.int8), qi[:2], qo[:2])
+            p["lut"] = torch.as_tensor(lut.astype(np.float64), device=dev).to(self.dtype)
         elif op.kind == "mean":
             shape = self.qm.tensors[op.inputs[0]].shape
             n = shape[1] * shape[2]
@@ -179,9 +186,12 @@ class Simulator:
         elif k == "mean":
             acc = (args[0] - ins[0][1]).sum(dim=(2, 3), keepdim=a["keepdims"])
             y = self._requantize(acc, p, per_channel=False)
-        elif k in ("add", "hardswish"):
+        elif k == "add":
             real = [(t - q[1]) * q[0] for t, q in zip(args, ins, strict=True)]
-            y = round_half_away((real[0] + real[1] if k == "add" else F.hardswish(real[0])) / s_out)
+            y = round_half_away((real[0] + real[1]) / s_out)
+        elif k == "hardswish":
+            lo, hi = p["clamp"]
+            return p["lut"][(args[0] + 128).long()].clamp(lo, hi)
         elif k == "max_pool2d":
             return F.max_pool2d(_pad(args[0], a["padding"], float("-inf")), a["kernel"], a["stride"])
         elif k == "avg_pool2d":

@@ -1,0 +1,298 @@
+"""calibration/: BN fold, .qm round trip and tamper refusal, sim vs integer reference, observers, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from calibration import calibrate, reference, simulate
+from calibration.bn import fold_conv_bn, recalibrate_bn
+from calibration.convert import float_graph, fold_input_normalization, trace
+from calibration.observers import METHODS
+from calibration.qmodel import load, save, to_bytes
+from calibration.sim import Simulator, run_ops
+from ghnq.cli import UserError
+from ghnq.data import load_eval_images, to_float
+from ghnq.spec import build_model, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def calib_images() -> np.ndarray:
+    return load_eval_images(128, split="train", quiet=True)[0]
+
+
+@pytest.fixture(scope="module")
+def test_images() -> tuple[np.ndarray, np.ndarray]:
+    images, labels, _ = load_eval_images(200, quiet=True)
+    return images, labels
+
+
+def _model(spec: str, calib: np.ndarray, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = build_model(load_spec(ROOT / "specs" / spec))
+    recalibrate_bn(m, calib, progress=False)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def qm_tiny(calib_images):
+    return calibrate(_model("tiny-mbv2.yaml", calib_images), calib_images, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# BN
+
+
+def test_bn_fold_equals_unfolded():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Conv2d(8, 8, 3, stride=2, groups=8, bias=True), nn.BatchNorm2d(8)).eval()
+    for bn in (m[1], m[4]):  # non-trivial statistics and affine parameters
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 3, 16, 16)
+    folded = fold_conv_bn(trace(m))
+    assert not any(isinstance(mod, nn.BatchNorm2d) for mod in folded.modules())
+    torch.testing.assert_close(folded(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bn_recalibration_uses_cumulative_average(calib_images):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    recalibrate_bn(m, calib_images, batch_size=32, progress=False)
+    feats = m[0](to_float(calib_images))
+    torch.testing.assert_close(m[1].running_mean, feats.mean(dim=(0, 2, 3)), atol=1e-4, rtol=1e-4)
+    assert m[1].momentum == 0.1  # restored afterwards
+
+
+def test_lowered_graph_matches_torch_model(calib_images):
+    for spec in ("resnet20.yaml", "tiny-mbv2.yaml", "mobilenet_v3_small.yaml"):
+        m = _model(spec, calib_images)
+        g = float_graph(m, [3, 32, 32])
+        x = to_float(calib_images[:8])
+        out = run_ops(g.ops, g.input, x, g.params)[g.output]
+        torch.testing.assert_close(out, m(x), atol=1e-4, rtol=1e-4)
+        # folding the normalization is exact in the interior: compare with padding-free 1x1 stem
+        fold_input_normalization(g)
+        assert g.ops[0].kind == "conv2d"
+
+
+def test_input_normalization_fold_exact_without_padding():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=0), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(4, 3)).eval()
+    g = float_graph(m, [3, 8, 8])
+    fold_input_normalization(g)
+    pix = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    out = run_ops(g.ops, g.input, pix.permute(0, 3, 1, 2).float() / 255, g.params)[g.output]
+    torch.testing.assert_close(out, m(to_float(pix.numpy())), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# QuantizedModel file
+
+
+def test_roundtrip_bit_identical(tmp_path, qm_tiny):
+    p = save(qm_tiny, tmp_path / "m.qm")
+    back = load(p)
+    assert to_bytes(back) == p.read_bytes()
+    for name, t in qm_tiny.tensors.items():
+        u = back.tensors[name]
+        assert u.scale.dtype == np.float32 and u.scale.tobytes() == t.scale.tobytes()
+        assert np.array_equal(u.zero_point, t.zero_point)
+        if t.is_const:
+            assert u.data.dtype == t.data.dtype and u.data.tobytes() == t.data.tobytes()
+    assert [(o.kind, o.inputs, o.outputs, o.attrs) for o in back.ops] == \
+           [(o.kind, o.inputs, o.outputs, o.attrs) for o in qm_tiny.ops]
+    assert back.meta == qm_tiny.meta
+
+
+def test_corrupted_qm_refused(tmp_path, qm_tiny):
+    p = save(qm_tiny, tmp_path / "m.qm")
+    # 1. a changed zero point inside graph.json (a valid zip, valid JSON): the sha256 catches it
+    with zipfile.ZipFile(p) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    graph = entries["graph.json"]
+    i = graph.index(b'"zero_point": [\n')
+    j = graph.index(b"]", i)
+    entries["graph.json"] = graph[:j] + b", 0" + graph[j:]  # one more zero point, still valid JSON
+    bad = tmp_path / "altered.qm"
+    with zipfile.ZipFile(bad, "w") as z:
+        for n, data in entries.items():
+            z.writestr(n, data)
+    with pytest.raises(UserError, match="sha256 mismatch"):
+        load(bad)
+    # 2. a flipped byte in the middle of the file
+    raw = bytearray(p.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    flipped = tmp_path / "flipped.qm"
+    flipped.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="corrupted|sha256"):
+        load(flipped)
+    # 3. a truncated file
+    (tmp_path / "short.qm").write_bytes(p.read_bytes()[:100])
+    with pytest.raises(UserError, match="corrupted"):
+        load(tmp_path / "short.qm")
+
+
+def test_qm_conventions(qm_tiny):
+    qm = qm_tiny
+    t_in = qm.tensors[qm.input]
+    assert float(t_in.scale[0]) == np.float32(1 / 255) and int(t_in.zero_point[0]) == -128
+    assert t_in.shape == [1, 32, 32, 3]
+    assert qm.ops[-1].kind == "fully_connected" and qm.output == qm.ops[-1].outputs[0]
+    for op in qm.ops:
+        if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected"):
+            w, b = qm.tensors[op.inputs[1]], qm.tensors[op.inputs[2]]
+            assert w.data.dtype == np.int8 and np.abs(w.data).max() <= 127 and w.axis == 0
+            assert np.all(w.zero_point == 0) and len(w.scale) == w.data.shape[0]
+            s_in = qm.tensors[op.inputs[0]].scale[0]
+            assert b.data.dtype == np.int32 and b.scale.tobytes() == (np.float32(s_in) * w.scale).tobytes()
+        if op.kind in ("max_pool2d", "avg_pool2d", "pad", "reshape"):
+            a, o = qm.tensors[op.inputs[0]], qm.tensors[op.outputs[0]]
+            assert (a.scale[0], a.zero_point[0]) == (o.scale[0], o.zero_point[0])
+        if op.attrs.get("fused") == "relu_0_to_1":  # the folded hardsigmoid of the SE block
+            o = qm.tensors[op.outputs[0]]
+            assert float(o.scale[0]) == np.float32(1 / 255) and int(o.zero_point[0]) == -128
+    assert any(op.attrs.get("fused") == "relu_0_to_1" for op in qm.ops)
+    assert {"conv2d", "depthwise_conv2d", "add", "mul", "mean"} <= {op.kind for op in qm.ops}
+
+
+# ----------------------------------------------------------------------------------------------------
+# sim vs integer reference
+
+
+@pytest.mark.parametrize("spec", ["resnet20.yaml", "tiny-mbv2.yaml", "mobilenet_v3_small.yaml"])
+def test_sim_matches_reference_per_op(spec, calib_images, test_images):
+    """Given the same input codes, every op of the sim and of the integer reference agree (add: ≤ 1 code)."""
+    qm = calibrate(_model(spec, calib_images), calib_images, progress=False)
+    images = test_images[0][:32]
+    _, codes = simulate(qm, images, capture=True)
+    for op in qm.ops:
+        ref = reference.run_op(qm, op, codes)
+        diff = np.abs(ref.astype(int) - codes[op.outputs[0]].astype(int))
+        if op.kind == "add":  # reference: TFLite's left-shift-20 fixed point; sim: float64
+            assert diff.max() <= 1 and (diff > 0).mean() < 0.01, op.source
+        else:
+            assert diff.max() == 0, f"{op.kind} {op.source}: {int((diff > 0).sum())} codes differ"
+
+
+@pytest.mark.parametrize("spec", ["resnet20.yaml", "tiny-mbv2.yaml"])
+def test_sim_vs_reference_end_to_end(spec, calib_images, test_images):
+    images, labels = test_images
+    qm = calibrate(_model(spec, calib_images), calib_images, progress=False)
+    s = simulate(qm, images)
+    r = reference.run(qm, images)
+    diff = np.abs(s.astype(int) - r.astype(int))
+    assert (s.argmax(1) == r.argmax(1)).mean() >= 0.999
+    assert (diff <= 1).mean() >= 0.99
+
+
+def test_weight_override_is_the_same_sim(qm_tiny, test_images):
+    """The evolutionary search's entry point: swapping in integer codes equals re-running with them stored."""
+    images = test_images[0][:16]
+    sim = Simulator(qm_tiny)
+    key = qm_tiny.weight_keys()[3]
+    base = sim.run(images)
+    same = sim.run(images, weights={key: torch.from_numpy(qm_tiny.tensors[key].data)})
+    assert np.array_equal(base, same)
+    flipped = torch.from_numpy(-qm_tiny.tensors[key].data)
+    changed = sim.run(images, weights={key: flipped})
+    assert not np.array_equal(base, changed)
+    qm_tiny.tensors[key].data = -qm_tiny.tensors[key].data
+    try:
+        assert np.array_equal(Simulator(qm_tiny).run(images), changed)
+    finally:
+        qm_tiny.tensors[key].data = -qm_tiny.tensors[key].data
+
+
+def test_act_bits_4_simulation_only(calib_images, test_images):
+    qm = calibrate(_model("resnet20.yaml", calib_images), calib_images, act_bits=4, weight_bits=4, progress=False)
+    _, codes = simulate(qm, test_images[0][:8], capture=True)
+    for name, t in qm.tensors.items():
+        if t.is_const and t.dtype == "int8":
+            assert np.abs(t.data).max() <= 7
+        elif not t.is_const and name != qm.input:
+            assert codes[name].min() >= -8 and codes[name].max() <= 7
+    with pytest.raises(UserError, match="4-bit activations"):
+        reference.run(qm, test_images[0][:2])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_observers(method, calib_images):
+    qm = calibrate(_model("sepnet.yaml", calib_images), calib_images[:32], method=method, progress=False)
+    for t in qm.tensors.values():
+        if not t.is_const:
+            assert np.isfinite(t.scale[0]) and t.scale[0] > 0 and -128 <= t.zero_point[0] <= 127
+    assert qm.meta["method"] == method
+
+
+def test_percentile_clips_range(calib_images):
+    m = _model("sepnet.yaml", calib_images)
+    mm = calibrate(m, calib_images[:32], method="minmax", progress=False)
+    pc = calibrate(m, calib_images[:32], method="percentile", progress=False)
+    narrower = [pc.tensors[n].scale[0] < mm.tensors[n].scale[0] for n, t in mm.tensors.items()
+                if not t.is_const and n != mm.input]
+    assert np.mean(narrower) > 0.8
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_unsupported_op_named(calib_images):
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(UserError, match=r"'1'.*GELU.*supported: Conv2d"):
+        calibrate(m, calib_images[:4], progress=False)
+
+
+def test_nan_weights_refused(calib_images):
+    m = _model("resnet20.yaml", calib_images)
+    m.stages[2].conv1[0].weight.data[0, 0, 0, 0] = float("nan")
+    with pytest.raises(UserError, match=r"stages\.2\.conv1\.0\.weight.*NaN"):
+        calibrate(m, calib_images[:4], progress=False)
+
+
+def test_empty_calibration_set_refused(calib_images):
+    m = _model("resnet20.yaml", calib_images)
+    with pytest.raises(UserError, match="empty|non-empty"):
+        calibrate(m, calib_images[:0], progress=False)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "calibration", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_writes_qm_and_refuses_bad_input(tmp_path):
+    out = tmp_path / "m.qm"
+    r = _cli("--arch", str(ROOT / "specs/sepnet.yaml"), "--method", "minmax", "--bits", "8", "--images", "32",
+             "--bn-recalibrate", "-o", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    qm = load(out)
+    assert qm.meta["calibration_images"] == 32 and qm.meta["weight_bits"] == 8
+    # NaN weights: one-line error naming the parameter, no output file
+    m = build_model(load_spec(ROOT / "specs/sepnet.yaml"))
+    sd = m.state_dict()
+    sd["stem.0.weight"][0, 0, 0, 0] = float("inf")
+    torch.save(sd, tmp_path / "bad.pt")
+    bad_out = tmp_path / "bad.qm"
+    r = _cli("--arch", str(ROOT / "specs/sepnet.yaml"), "--weights", str(tmp_path / "bad.pt"), "--images", "8",
+             "-o", str(bad_out), cwd=tmp_path)
+    assert r.returncode == 2 and "stem.0.weight" in r.stderr and "Traceback" not in r.stderr
+    assert not bad_out.exists() and not list(tmp_path.glob(".bad.qm*"))
+    r = _cli("--arch", str(ROOT / "specs/sepnet.yaml"), "--images", "0", "-o", str(bad_out), cwd=tmp_path)
+    assert r.returncode == 2 and "images" in r.stderr and not bad_out.exists()
+    r = _cli("--arch", str(ROOT / "specs/sepnet.yaml"), "--bits", "3", "-o", str(bad_out), cwd=tmp_path)
+    assert r.returncode == 2 and not bad_out.exists()
