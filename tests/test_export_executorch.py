@@ -166,13 +166,28 @@ def test_fully_delegated_with_int8_io(name: str, tmp_path: Path) -> None:
     _, h, w, c = qm.tensors[qm.input].shape
     assert int(tin.dtype()) == 1 and list(tin.sizes()) == [1, c, h, w]  # ScalarType 1 = int8
     assert int(tout.dtype()) == 1 and list(tout.sizes()) == [1, 10]
+    # the I/O quantization travels in the .pte as ExecuTorch's config methods
+    from executorch.runtime import Runtime
+
+    prog = Runtime.get().load_program(path)
+    for kind, tensor in (("input", qm.tensors[qm.input]), ("output", qm.tensors[qm.output])):
+        scale = prog.load_method(f"forward_{kind}0_scale").execute([])[0]
+        zp = prog.load_method(f"forward_{kind}0_zp").execute([])[0]
+        assert np.float32(scale) == tensor.scale[0] and zp == int(tensor.zero_point[0]), kind
 
 
 # ----------------------------------------------------------------------------------------------------
 # What the runtime computes
 
 
-@pytest.mark.parametrize("name", ALL)
+# Not mobilenet_v3_small: with random weights it amplifies any 1-code difference chaotically (measured on 32
+# images: LiteRT+XNNPACK vs sim 43 steps max, even the converted PT2E program run in torch vs sim 45), and
+# ExecuTorch runs its hardswish ops in fp32 (XNNPACK's ExecuTorch partitioner has no int8 hardswish) where
+# LiteRT runs int8 HARD_SWISH, so the two differ by ≤ 1 code per hardswish before the amplification.
+AGREE = [p for p in ALL if getattr(p, "values", [p])[0] != "mobilenet_v3_small"]
+
+
+@pytest.mark.parametrize("name", AGREE)
 def test_runtime_agrees_with_litert_xnnpack(name: str, tmp_path: Path) -> None:
     """Same QM, two formats, two runtimes: the logit codes agree (both run XNNPACK's int8 kernels)."""
     from export.tflite import LiteRTRunner, build_tflite
@@ -198,6 +213,7 @@ def test_runtime_close_to_sim_on_random_weights(tmp_path: Path) -> None:
     assert d.max() <= 2 and (d <= 1).mean() >= 0.99
 
 
+@pytest.mark.slow  # one more lowering; the command test already writes and runs the fp32 twin
 def test_fp32_twin_computes_the_same_function(tmp_path: Path) -> None:
     qm, images = get("tiny-mbv2")
     prog = E.lower(qm, fp32=True)
