@@ -49,6 +49,7 @@ STAGES = ("predict", "quantize", "refine", "export", "verify", "device")
 FORMATS = ("tflite", "executorch")
 BITS = (8, 4, 2)
 DONE, STARTED = "stage.json", "started.json"
+LAYOUT = 1  # of the stage records: part of every resume key, bumped when a stage's outputs change meaning
 
 
 @dataclass
@@ -178,6 +179,7 @@ def stage_export(ctx: Ctx, folder: Path) -> dict:
 
 def stage_verify(ctx: Ctx, folder: Path) -> dict:
     from calibration.qmodel import load
+    from export.pipeline import _io_quantization  # the I/O (scale, zp) entry devices.bundle reads from report.json
     from export.verify import Tolerance, verify, write_report
 
     a = ctx.args
@@ -199,7 +201,7 @@ def stage_verify(ctx: Ctx, folder: Path) -> dict:
                   "sha256": exported["sha256"], "weights": ctx.done["predict"]["weights"], "spec": a.arch,
                   "calibration": {"method": a.method, "weight_bits": a.bits, "images": len(ctx.calib),
                                   "source": ctx.sources["calib"]},
-                  "verify_source": ctx.sources["test"], **metrics}
+                  "verify_source": ctx.sources["test"], "quantization": _io_quantization(qm), **metrics}
         write_report(fdir, report)  # the export folder's report.json: devices.bundle takes its tolerance
         keep = ("runtime", "images", "top1_agreement", "max_step_error", "p99_step_error", "accuracy_artifact",
                 "accuracy_sim", "passed", "failures", "tolerance", "plots")
@@ -245,7 +247,8 @@ RUNNERS: dict[str, Callable[[Ctx, Path], dict]] = {
 
 def stage_flags(a: argparse.Namespace, stage: str) -> dict:
     """The flags a stage's output depends on (its resume key); target/run flags only touch the device stage."""
-    common = {"spec": a.spec_hash, "bits": a.bits, "data": a.data_id, "images": a.images, "calib": a.calib_images}
+    common = {"layout": LAYOUT, "spec": a.spec_hash, "bits": a.bits, "data": a.data_id, "images": a.images,
+              "calib": a.calib_images}
     own = {"predict": {"weights": a.weights_id, "seed": a.seed},
            "quantize": {"method": a.method},
            "refine": {"budget": a.budget_evals, "seed": a.seed, "train_images": a.train_images},

@@ -139,3 +139,19 @@ def test_resume_after_kill_9_keeps_finished_stages(tmp_path: Path) -> None:
     assert set(after) == {f"{n}-{s}" for n, s in enumerate(STAGES, 1)}
     report = json.loads((out / "report.json").read_text())
     assert report["stage_records"]["refine"]["evolve"]["evals"] > 0
+
+
+@pytest.mark.slow
+def test_pipeline_8bit_both_formats_on_local_target(tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    rc = main(["--arch", str(tiny(tmp_path)), "--bits", "8", "--formats", "tflite,executorch", "--target", "local",
+               "--out", str(out), *FAST])
+    report = json.loads((out / "report.json").read_text())
+    assert rc == (0 if report["passed"] else 1)
+    rec = report["stage_records"]
+    assert "skipped" in rec["refine"]  # 8-bit: no search
+    assert set(rec["verify"]["formats"]) == set(rec["device"]["formats"]) == {"tflite", "executorch"}
+    dev = rec["device"]["formats"]["executorch"]["artifacts"]["tiny-p_xnnpack.pte"]
+    assert dev["runtime"].startswith("executorch") and 0.0 <= dev["accuracy"] <= 1.0 and dev["latency_ms"] > 0
+    # every artifact was checked against the codes of the one QuantizedModel: both formats saw the same sim
+    assert rec["verify"]["formats"]["tflite"]["accuracy_sim"] == rec["verify"]["formats"]["executorch"]["accuracy_sim"]
