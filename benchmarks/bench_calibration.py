@@ -37,7 +37,7 @@ def folded_float_top1(model: torch.nn.Module, images: np.ndarray, labels: np.nda
     correct = 0
     with torch.no_grad():
         for i in range(0, len(images), 500):
-            x = torch.from_numpy(images[i:i + 500]).permute(0, 3, 1, 2).float() / 255
+            x = (torch.from_numpy(images[i:i + 500]).permute(0, 3, 1, 2).float() - 128) / 255
             correct += int((run_ops(g.ops, g.input, x, g.params)[g.output].argmax(1).numpy()
                             == labels[i:i + 500]).sum())
     return correct / len(images)

@@ -6,7 +6,7 @@ Steps (each one a function below, read top to bottom):
      becomes one op, an alias (Identity, Dropout) or an activation that is fused into its producer
      (relu / relu6 into conv / fc / add; hardsigmoid folded into the conv / fc before it, see qmodel.py).
      Anything else is a UserError naming the node and the supported set.
-  2. `fold_input_normalization`: the graph input becomes pixel / 255; (x − MEAN) / STD moves into the
+  2. `fold_input_normalization`: the graph input becomes (pixel - 128) / 255; (x − MEAN) / STD moves into the
      first conv's float weights and bias.
   3. `observe`: run the float graph on calibration images, one observer per activation tensor.
   4. `quantize`: per-channel symmetric weights, int32 biases, activation qparams (with TFLite's sharing
@@ -321,7 +321,8 @@ def _fuse_activations(ops: list[Op], params: dict[str, torch.Tensor]) -> list[Op
 
 
 def fold_input_normalization(g: FloatGraph) -> None:
-    """Graph input becomes pixel/255; (x - MEAN) / STD moves into every conv reading the input."""
+    """Graph input becomes (pixel - 128)/255 (the int8 input's real value); (x01 - MEAN) / STD, with
+    x01 = input + 128/255, moves into every conv reading the input."""
     users = [op for op in g.ops if g.input in op.inputs]
     if g.shapes[g.input][-1] != len(MEAN):
         raise UserError(f"model input has {g.shapes[g.input][-1]} channels; the uint8 image input needs "
@@ -332,7 +333,7 @@ def fold_input_normalization(g: FloatGraph) -> None:
                             f"Conv2d layers (groups 1) reading the image; found {op.kind}")
     for op in users:
         wk, bk = op.inputs[1], op.inputs[2]
-        mean = torch.tensor(MEAN, dtype=torch.float64).view(1, -1, 1, 1)
+        mean = torch.tensor(MEAN, dtype=torch.float64).view(1, -1, 1, 1) - 128.0 / 255.0
         std = torch.tensor(STD, dtype=torch.float64).view(1, -1, 1, 1)
         w = g.params[wk].double() / std
         g.params[bk] = (g.params[bk].double() - (w * mean).sum(dim=(1, 2, 3))).float()
@@ -369,7 +370,7 @@ def observe(g: FloatGraph, images: np.ndarray, method: str, act_bits: int, batch
     for i in tqdm(range(0, len(images), batch_size), desc=f"calibrating ({method})", unit="batch",
                   disable=not progress):
         x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
-        run_ops(g.ops, g.input, x.permute(0, 3, 1, 2).float() / 255.0, params, hook)
+        run_ops(g.ops, g.input, (x.permute(0, 3, 1, 2).float() - 128.0) / 255.0, params, hook)
     return {n: observers.qparams(o, act_bits) for n, o in obs.items()}
 
 
@@ -404,7 +405,7 @@ def quantize(g: FloatGraph, act_qparams: dict[str, tuple[float, int, float, floa
         tensors[name] = Tensor(name, g.shapes[name], "int8", np.array([scale], np.float32),
                                np.array([zp], np.int64), None, bits, None, rmin, rmax)
 
-    act(g.input, INPUT_SCALE, INPUT_ZERO_POINT, 8, 0.0, 1.0)
+    act(g.input, INPUT_SCALE, INPUT_ZERO_POINT, 8, -128 * INPUT_SCALE, 127 * INPUT_SCALE)
     unit_scale = float(np.float32(1.0 / ((1 << act_bits) - 1)))
     for op in g.ops:
         out = op.outputs[0]

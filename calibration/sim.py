@@ -19,7 +19,12 @@ exist only here). Requantization (`rounding`):
       away from zero (LiteRT 2.3.0's per-channel reference kernel). Only add is computed in float (TFLite
       uses a left-shift-20 fixed-point rescale) and may differ from the integer reference by one code.
     "float": textbook fake-quant, round_half_away(acc · s_in·s_w[c] / s_out) everywhere.
-The input is the int8 code `pixel - 128` (scale 1/255, zero point -128).
+    "xnnpack": the arithmetic of XNNPACK's int8 kernels, which LiteRT's default delegate and ExecuTorch's
+      XNNPACK backend run (functions `xnn_*` below, each naming its XNNPACK source): conv / depthwise / fc /
+      mul in float32 ("fp32" requantization, round half to even), add with XNNPACK's own integer
+      multipliers and shift, mean with 1/N and the zero points folded into a float32 scale and offset.
+      Hardswish stays TFLite's table (LiteRT runs int8 HARD_SWISH outside the delegate).
+The input is the int8 code `pixel - 128` (scale 1/255, zero point 0).
 
 Integer weights swapped in (the low-bit evolutionary search): `Simulator(qm, device)` keeps the constants
 on the device; `Simulator.forward(x_codes, weights={weight_key: int8 codes})` replaces the named weights'
@@ -114,8 +119,8 @@ class Simulator:
 
     def __init__(self, qm: QuantizedModel, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
                  rounding: str = "tflite"):
-        if rounding not in ("tflite", "float"):
-            raise ValueError(f"rounding {rounding!r}; allowed: tflite, float")
+        if rounding not in ("tflite", "float", "xnnpack"):
+            raise ValueError(f"rounding {rounding!r}; allowed: tflite, float, xnnpack")
         self.qm, self.device, self.dtype, self.rounding = qm, torch.device(device), dtype, rounding
         self.consts = {n: torch.as_tensor(t.data, device=self.device).to(dtype)
                        for n, t in qm.tensors.items() if t.is_const}
@@ -153,6 +158,8 @@ class Simulator:
             p["n"] = n
             p["eff"] = float(self.q[op.inputs[0]][0]) / (n * float(s_out))
             p["mult"], p["shift"] = mean_multiplier(self.q[op.inputs[0]][0], s_out, n)
+        if self.rounding == "xnnpack":
+            p["xnn"] = xnn_params(self.qm, op)
         return p
 
     def _requantize(self, acc: torch.Tensor, p: dict, per_channel: bool) -> torch.Tensor:
@@ -161,6 +168,9 @@ class Simulator:
         if self.rounding == "float":
             eff = view(p["eff"]) if per_channel else p["eff"]
             return round_half_away(acc * eff)
+        if self.rounding == "xnnpack":
+            scale = torch.as_tensor(p["xnn"]["scale"], device=acc.device)
+            return xnn_fp32_requantize(acc, view(scale) if per_channel else scale)
         mult = view(p["mult"]) if per_channel else p["mult"]
         shift = view(p["shift"]) if per_channel else p["shift"]
         return multiply_by_quantized_multiplier(acc.to(torch.int64), mult, shift).to(acc.dtype)
@@ -174,7 +184,10 @@ class Simulator:
             xo = x - ins[0][1]
             if k == "fully_connected":
                 acc = F.linear(xo, w, b)
-                y = round_half_away(acc * p["eff"])  # LiteRT's per-channel FC reference rounds this in double
+                if self.rounding == "xnnpack":
+                    y = self._requantize(acc, p, per_channel=True)
+                else:
+                    y = round_half_away(acc * p["eff"])  # LiteRT's per-channel FC reference rounds this in double
             else:
                 groups = x.shape[1] if k == "depthwise_conv2d" else 1
                 acc = F.conv2d(_pad(xo, a["padding"]), w, b, stride=a["stride"], dilation=a["dilation"],
@@ -185,10 +198,16 @@ class Simulator:
             y = self._requantize(acc, p, per_channel=False)
         elif k == "mean":
             acc = (args[0] - ins[0][1]).sum(dim=(2, 3), keepdim=a["keepdims"])
-            y = self._requantize(acc, p, per_channel=False)
+            if self.rounding == "xnnpack":
+                y = xnn_mean_requantize(acc + p["n"] * ins[0][1], p["xnn"]) - zp_out
+            else:
+                y = self._requantize(acc, p, per_channel=False)
         elif k == "add":
-            real = [(t - q[1]) * q[0] for t, q in zip(args, ins, strict=True)]
-            y = round_half_away((real[0] + real[1]) / s_out)
+            if self.rounding == "xnnpack":
+                y = xnn_add(args[0] - ins[0][1], args[1] - ins[1][1], p["xnn"])
+            else:
+                real = [(t - q[1]) * q[0] for t, q in zip(args, ins, strict=True)]
+                y = round_half_away((real[0] + real[1]) / s_out)
         elif k == "hardswish":
             lo, hi = p["clamp"]
             return p["lut"][(args[0] + 128).long()].clamp(lo, hi)
@@ -275,3 +294,69 @@ def multiply_by_quantized_multiplier(x: torch.Tensor, mult: torch.Tensor | int, 
     shift = torch.as_tensor(shift, dtype=torch.int64, device=x.device)
     left, right = shift.clamp(min=0), (-shift).clamp(min=0)
     return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x << left, mult), right)
+
+
+# ----------------------------------------------------------------------------------------------------
+# XNNPACK's int8 arithmetic (google/XNNPACK, as LiteRT 2.3.0's delegate runs it: measured code for code
+# per op in tests/test_xnnpack_rounding.py). Scales are float32 products/quotients evaluated left to right
+# in float32, as the C code does; torch.round is round half to even, as lrintf / cvtps2dq / the magic bias.
+_f32 = np.float32
+
+
+def xnn_params(qm: QuantizedModel, op: Op) -> dict:
+    """The per-op constants XNNPACK derives from the (float32) scales and zero points when it creates the op."""
+    t = qm.tensors
+    s_in, s_out = _f32(t[op.inputs[0]].scale[0]), _f32(t[op.outputs[0]].scale[0])
+    if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected"):
+        # src/operators/convolution-nhwc.c init_requantization_scale_qx8_qc8w, fully-connected-nc.c:
+        # requantization_scale[c] = input_scale * kernel_scale[c] / output_scale (float32)
+        return {"scale": torch.from_numpy((s_in * np.asarray(t[op.inputs[1]].scale, _f32)) / s_out)}
+    if op.kind == "mul":
+        # src/microparams-init.c xnn_init_qs8_mul_minmax_scalar_params: (a_scale * b_scale) / output_scale
+        return {"scale": torch.tensor(float((s_in * _f32(t[op.inputs[1]].scale[0])) / s_out), dtype=torch.float32)}
+    if op.kind == "add":
+        return xnn_add_params(s_in, _f32(t[op.inputs[1]].scale[0]), s_out, int(t[op.inputs[0]].zero_point[0]),
+                              int(t[op.inputs[1]].zero_point[0]))
+    if op.kind == "mean":
+        # src/microparams-init.c xnn_init/update_qs8_reduce_scalar_params: scale = (s_in / s_out) * (1.0f / N);
+        # src/operators/reduce-nd.c: the int32 sum of raw codes is converted with inv_y_scale = scale and
+        # y_zero_point' = zp_out - (N * zp_in) * scale, all float32
+        shape = t[op.inputs[0]].shape
+        n = shape[1] * shape[2]
+        scale = _f32(_f32(s_in / s_out) * _f32(_f32(1.0) / _f32(n)))
+        offset = _f32(_f32(t[op.outputs[0]].zero_point[0]) - _f32(_f32(n * int(t[op.inputs[0]].zero_point[0])) * scale))
+        return {"scale": float(scale), "offset": float(offset)}
+    return {}
+
+
+def xnn_add_params(sa: np.float32, sb: np.float32, so: np.float32, zpa: int, zpb: int) -> dict:
+    """src/microparams-init.c xnn_init_qs8_add_minmax_scalar_params: 21-bit multipliers, shift = 20 - exponent."""
+    a, b = _f32(sa / so), _f32(sb / so)
+    shift = 20 - (int(np.frexp(max(a, b))[1]) - 1)  # 20 - unbiased exponent of the larger scale
+    am, bm = (int(np.rint(np.ldexp(v, shift).astype(_f32))) for v in (a, b))  # lrintf, half to even
+    return {"a_mult": am, "b_mult": bm, "shift": shift, "zp": (zpa, zpb)}
+
+
+def xnn_fp32_requantize(acc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """src/qs8-gemm/, src/qs8-dwconv/, src/qs8-vmul/ "fp32" variants: (float) acc * scale, round half to even.
+
+    (The kernels clamp in float before rounding; clamping the rounded integer to the same integer bounds
+    afterwards gives the same code.)"""
+    return torch.round(acc.to(torch.float32) * scale).to(acc.dtype)
+
+
+def xnn_add(xa: torch.Tensor, xb: torch.Tensor, p: dict) -> torch.Tensor:
+    """src/qs8-vadd/gen/qs8-vadd-minmax-scalar-u1.c on zero-point-subtracted codes:
+    asr(2^(shift-1) + xa·a_mult + xb·b_mult, shift), i.e. rounding half up (the int32 sum cannot overflow)."""
+    i64 = torch.int64  # exact in int64 whatever dtype the sim holds codes in
+    acc = (1 << (p["shift"] - 1)) + xa.to(i64) * p["a_mult"] + xb.to(i64) * p["b_mult"]
+    return (acc >> p["shift"]).to(xa.dtype)
+
+
+def xnn_mean_requantize(total: torch.Tensor, p: dict) -> torch.Tensor:
+    """src/reference/unary-elementwise.cc quantize<int8>(float(sum), inv_y_scale, y_zero_point):
+    nearbyint(float(sum) * scale + offset) in float32 (two roundings: x86 builds do not fuse the multiply-add)."""
+    f = torch.float32
+    y = total.to(f) * torch.tensor(p["scale"], dtype=f, device=total.device) + torch.tensor(p["offset"], dtype=f,
+                                                                                            device=total.device)
+    return torch.round(y).to(total.dtype)

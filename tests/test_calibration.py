@@ -95,7 +95,7 @@ def test_input_normalization_fold_exact_without_padding():
     g = float_graph(m, [3, 8, 8])
     fold_input_normalization(g)
     pix = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
-    out = run_ops(g.ops, g.input, pix.permute(0, 3, 1, 2).float() / 255, g.params)[g.output]
+    out = run_ops(g.ops, g.input, (pix.permute(0, 3, 1, 2).float() - 128) / 255, g.params)[g.output]
     torch.testing.assert_close(out, m(to_float(pix.numpy())), atol=1e-5, rtol=1e-5)
 
 
@@ -149,7 +149,7 @@ def test_corrupted_qm_refused(tmp_path, qm_tiny):
 def test_qm_conventions(qm_tiny):
     qm = qm_tiny
     t_in = qm.tensors[qm.input]
-    assert float(t_in.scale[0]) == np.float32(1 / 255) and int(t_in.zero_point[0]) == -128
+    assert float(t_in.scale[0]) == np.float32(1 / 255) and int(t_in.zero_point[0]) == 0
     assert t_in.shape == [1, 32, 32, 3]
     assert qm.ops[-1].kind == "fully_connected" and qm.output == qm.ops[-1].outputs[0]
     for op in qm.ops:
