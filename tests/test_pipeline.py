@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 
 from ghnq.cli import UserError
+from ghnq.data import default_data_root
 from ghnq.pipeline import STAGES, main
 
 ROOT = Path(__file__).resolve().parents[1]
+# The refine stage's search draws its mini-batches from the CIFAR-10 training set (no embedded fallback).
+needs_train = pytest.mark.skipif(not (default_data_root() / "train").is_dir(), reason="CIFAR-10 train not present")
 FAST = ["--images", "100", "--calib-images", "32", "--reference-images", "20", "--train-images", "1000",
         "--runs", "3", "--quiet"]
 
@@ -69,6 +72,7 @@ def test_bad_spec_fails_before_the_first_stage(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@needs_train
 def test_pipeline_4bit_all_stages_then_resume(tmp_path: Path) -> None:
     out = tmp_path / "p"
     argv = ["--arch", str(tiny(tmp_path)), "--bits", "4", "--budget-evals", "100", "--target", "local",
@@ -116,6 +120,7 @@ def test_pipeline_4bit_all_stages_then_resume(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@needs_train
 def test_resume_after_kill_9_keeps_finished_stages(tmp_path: Path) -> None:
     out = tmp_path / "p"
     argv = ["--arch", str(tiny(tmp_path)), "--bits", "4", "--budget-evals", "400", "--checkpoint-every", "0.5",
