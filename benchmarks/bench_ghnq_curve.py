@@ -1,0 +1,71 @@
+"""Training curve of a GHN-Q meta-training run: held-out top-1 (float / W8A8 / W4A8) and train loss vs steps.
+
+    .venv/bin/python benchmarks/bench_ghnq_curve.py runs/ghnq-main [runs/ghnq-noq] -o benchmarks/ghnq_curve.png
+
+Reads RUN/log.jsonl (the last record of a step wins: a resumed run repeats the steps after its last
+checkpoint). Prints the evaluation points as JSON lines and writes the PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_log(run: Path) -> tuple[dict[int, dict], dict[int, dict]]:
+    steps: dict[int, dict] = {}
+    evals: dict[int, dict] = {}
+    for line in (run / "log.jsonl").read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # torn last line of a killed run
+        (evals if "eval" in rec else steps)[rec["step"]] = rec
+    return steps, evals
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("-o", "--out", default="benchmarks/ghnq_curve.png")
+    args = ap.parse_args()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in map(Path, args.runs):
+        steps, evals = read_log(run)
+        xs = sorted(steps)
+        window = 20
+        losses = [steps[s]["loss"] for s in xs]
+        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                  for i in range(len(losses))]
+        ax2.plot(xs, smooth, label=f"{run.name} (mean of {window})")
+        es = sorted(evals)
+        for key, style in (("float", "-o"), ("8", "--s"), ("4", ":^")):
+            ax1.plot(es, [100 * evals[s]["eval"][key] for s in es], style,
+                     label=f"{run.name} {'float' if key == 'float' else 'W' + key + 'A8'}")
+        for s in es:
+            e = evals[s]
+            print(json.dumps({"run": run.name, "step": s, "hours": round(e["elapsed"] / 3600, 2),
+                              "nets": e["eval_nets"], "images": e["eval_images"],
+                              **{k: round(v, 4) for k, v in e["eval"].items()}}))
+    ax1.axhline(10, color="gray", lw=0.8, ls="--")
+    ax1.set_xlabel("meta-training step")
+    ax1.set_ylabel("held-out mean top-1 (%)")
+    ax1.set_title("GHN-Q held-out nets, CIFAR-10 test subset")
+    ax1.legend(fontsize=7)
+    ax2.set_xlabel("meta-training step")
+    ax2.set_ylabel("train cross-entropy")
+    ax2.set_title("meta-training loss")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"# wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""Quantization-aware meta-training of GHN-Q on CIFAR-10.
+
+    python -m ghnq.meta_train --out runs/ghnq-main                      # CPU, runs until stopped
+    python -m ghnq.meta_train --out runs/ghnq-main --resume             # after any stop, kill -9 included
+    python -m ghnq.meta_train --out runs/ghnq-noq --no-quant            # ablation: no quantization in the loop
+    python -m ghnq.meta_train --out runs/x --device cuda --max-minutes 9 --resume     # GPU chunks
+    torchrun --nproc_per_node 2 -m ghnq.meta_train --out runs/ddp       # DDP (gloo on CPU, nccl on CUDA)
+
+Each step: draw `--meta-batch` specs from the sampler (never one of the held-out specs: checked by
+spec_hash), a bit width per net from --bits, one augmented CIFAR-10 training batch shared by all nets;
+the GHN predicts every net's parameters, each net runs functionally (ghnq/fakequant.py: BN folded,
+per-channel symmetric weight fake-quant with STE, 8-bit activations where the integer graph has them),
+and the mean cross-entropy backpropagates into the GHN (Adam, gradient norm clipped at 5).
+
+Everything a step draws is a pure function of (seed, step, rank), and the checkpoint (written atomically
+every --checkpoint-every seconds) holds GHN, optimizer, step and RNG state: a resumed run continues
+exactly, losing at most the steps since the last checkpoint. OUT/log.jsonl gets one line per step and
+one per evaluation (--eval-every: a few held-out nets, float/W8A8/W4A8, BN re-estimated); each
+evaluation also leaves OUT/snapshots/step-N.pt (the shippable GHN file) for later, larger evaluations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ghnq.cli import UserError, run_cli
+from ghnq.data import cache_dir, load_cifar10
+from ghnq.evaluate import calibration_images, to_x01, top1_predicted
+from ghnq.fakequant import FakeQuantNet
+from ghnq.fileio import atomic_torch_save, atomic_write_text
+from ghnq.graph import extract_graph
+from ghnq.model import GHNQ, GHNConfig, bits_int, bits_key, collate
+from ghnq.predict import save_checkpoint
+from ghnq.sampler import SamplerConfig, sample_spec, spec_hash
+from ghnq.spec import build_model
+from ghnq.train import augment
+
+HELDOUT_SEED = 1_000_000       # held-out spec i is sample_spec(Random(HELDOUT_SEED + i), HELDOUT_CONFIG)
+HELDOUT_MAX = 200              # hashes of this many held-out specs are excluded from training
+HELDOUT_CONFIG = SamplerConfig(max_macs=25e6)
+CKPT_FORMAT = "ghnq-train/1"
+
+
+@lru_cache(maxsize=4)
+def heldout_specs(n: int) -> list[dict]:
+    """The fixed held-out set: the first n of a seeded sequence of sampled specs (same on every machine).
+
+    Cached on disk (keyed by the sampler's source, so a changed sampler redraws them): drawing takes ~0.2 s each.
+    """
+    import ghnq.sampler
+
+    key = hashlib.sha256(Path(ghnq.sampler.__file__).read_bytes()).hexdigest()[:12]
+    cache = cache_dir() / f"heldout-{HELDOUT_SEED}-{HELDOUT_CONFIG.max_macs:.0f}-{key}.json"
+    specs: list[dict] = []
+    if cache.exists():
+        try:
+            specs = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            specs = []
+    if len(specs) < n:
+        specs += [sample_spec(random.Random(HELDOUT_SEED + i), HELDOUT_CONFIG) for i in range(len(specs), n)]
+        atomic_write_text(cache, json.dumps(specs))
+    return specs[:n]
+
+
+@lru_cache(maxsize=1)
+def heldout_hashes() -> frozenset[str]:
+    return frozenset(spec_hash(s) for s in heldout_specs(HELDOUT_MAX))
+
+
+def draw_specs(rng: random.Random, n: int, cfg: SamplerConfig) -> list[dict]:
+    """n training specs, skipping any held-out one."""
+    excluded = heldout_hashes()
+    out = []
+    while len(out) < n:
+        spec = sample_spec(rng, cfg)
+        if spec_hash(spec) not in excluded:
+            out.append(spec)
+    return out
+
+
+def meta_net(spec: dict) -> tuple[FakeQuantNet, object]:
+    """(runner, graph) of a spec; the module lives on the meta device: only its structure is used."""
+    with torch.device("meta"):
+        model = build_model(spec)
+    return FakeQuantNet(model), extract_graph(model)
+
+
+class SpecPool:
+    """A rolling pool of training nets: step s adds `fresh` new specs, each lives `window` steps.
+
+    Sampling a spec (MAC check) and tracing it cost ~0.2 s on this CPU, a large share of a step at 8 nets
+    per step, so each drawn net serves ~meta_batch·window/(fresh·window)... several steps. The pool at step t
+    is a pure function of (seed, rank, t): resuming rebuilds it exactly.
+    """
+
+    def __init__(self, seed: int, rank: int, cfg: SamplerConfig, fresh: int, window: int):
+        self.seed, self.rank, self.cfg, self.fresh, self.window = seed, rank, cfg, fresh, window
+        self.cache: dict[tuple[int, int], tuple[dict, FakeQuantNet, object]] = {}
+
+    def _get(self, s: int, j: int) -> tuple[dict, FakeQuantNet, object]:
+        if (s, j) not in self.cache:
+            spec = draw_specs(random.Random(f"{self.seed}-{self.rank}-{s}-{j}"), 1, self.cfg)[0]
+            self.cache[(s, j)] = (spec, *meta_net(spec))
+        return self.cache[(s, j)]
+
+    def batch(self, step: int, n: int, rng: random.Random) -> list[tuple[dict, FakeQuantNet, object]]:
+        for key in [k for k in self.cache if k[0] <= step - self.window]:
+            del self.cache[key]
+        keys = [(s, j) for s in range(max(0, step - self.window + 1), step + 1) for j in range(self.fresh)]
+        return [self._get(*k) for k in rng.sample(keys, min(n, len(keys)))]
+
+
+def step_loss(ghn: nn.Module, nets: list[tuple[FakeQuantNet, object]], bits: list[str], x01: torch.Tensor,
+              y: torch.Tensor, quant: bool, hops: int) -> tuple[torch.Tensor, float]:
+    """Mean cross-entropy over the meta-batch, and mean train-batch accuracy."""
+    batch = collate([g for _, g in nets], hops).to(x01.device)
+    params = ghn(batch, bits)
+    losses, correct = [], 0.0
+    for (net, _), p, b in zip(nets, params, bits, strict=True):
+        wb = bits_int(b) if quant else None
+        logits = net(x01, p, wbits=wb, abits=8 if wb else None)
+        losses.append(F.cross_entropy(logits, y))
+        correct += (logits.argmax(1) == y).float().mean().item()
+    return torch.stack(losses).mean(), correct / len(nets)
+
+
+def evaluate_heldout(ghn: GHNQ, n_nets: int, calib: torch.Tensor, test: torch.Tensor, labels: torch.Tensor,
+                     quant: bool, hops: int) -> dict:
+    """Mean held-out top-1 per bit width (small, in-loop; ghnq.evaluate does the full sweep)."""
+    ghn.eval()
+    res: dict[str, list[float]] = {"float": [], "8": [], "4": []}
+    with torch.no_grad():
+        for spec in heldout_specs(n_nets):
+            model = build_model(spec)
+            net, graph = FakeQuantNet(model), extract_graph(model)
+            batch = collate([graph], hops).to(calib.device)
+            for key in res:
+                params = ghn(batch, [key if quant else "float"])[0]
+                wb = bits_int(key)
+                res[key].append(top1_predicted(net, params, wb, 8 if wb else None, calib, test, labels))
+    ghn.train()
+    return {k: float(np.mean(v)) for k, v in res.items()}
+
+
+def export(ckpt_path: Path, dest: Path) -> int:
+    """Training checkpoint → the shippable file ghnq.predict loads (no optimizer state)."""
+    if not ckpt_path.is_file():
+        raise UserError(f"{ckpt_path}: no training checkpoint to export")
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ghn = GHNQ(GHNConfig(**ck["config"]))
+    ghn.load_state_dict(ck["ghn"])
+    a = ck.get("args", {})
+    meta = {"step": ck["step"], "elapsed_s": round(ck["elapsed"]), "quant": not a.get("no_quant", False),
+            "bits": a.get("bits"), "meta_batch": a.get("meta_batch"), "batch": a.get("batch"),
+            "max_macs": a.get("max_macs"), "lr": a.get("lr"), "device": a.get("device"),
+            "heldout_seed": HELDOUT_SEED}
+    save_checkpoint(dest, ghn, meta)
+    print(f"exported step {ck['step']} of {ckpt_path} to {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ghnq.meta_train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, snapshots/")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
+    ap.add_argument("--steps", type=int, default=1_000_000, help="stop after this many steps in total")
+    ap.add_argument("--max-minutes", type=float, default=0, help="stop (after a checkpoint) after this long")
+    ap.add_argument("--meta-batch", type=int, default=8, help="nets per step (per rank)")
+    ap.add_argument("--fresh", type=int, default=2, help="new sampled nets per step (rolling pool)")
+    ap.add_argument("--window", type=int, default=32, help="steps a sampled net stays in the pool")
+    ap.add_argument("--batch", type=int, default=64, help="images per step")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--bits", default="float,8,4", help="bit widths drawn per net")
+    ap.add_argument("--no-quant", action="store_true", help="ablation: train without quantization in the loop")
+    ap.add_argument("--max-macs", type=float, default=HELDOUT_CONFIG.max_macs, help="cap per sampled net")
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--checkpoint-every", type=float, default=180, help="seconds between checkpoints")
+    ap.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0: none)")
+    ap.add_argument("--eval-nets", type=int, default=8)
+    ap.add_argument("--eval-images", type=int, default=500)
+    ap.add_argument("--export", default=None, metavar="FILE",
+                    help="write OUT/checkpoint.pt as a shippable GHN file (weights + config + sha256) and exit")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--data-root", default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bits_choices = [bits_key(b) for b in args.bits.split(",")]
+    if args.no_quant:
+        bits_choices = ["float"]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: CUDA is not available on this machine")
+
+    # DDP when launched by torchrun: every rank draws different nets, gradients are all-reduced.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device(args.device)
+    if world > 1:
+        import torch.distributed as dist
+
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    out = Path(args.out)
+    ckpt_path = out / "checkpoint.pt"
+    log_path = out / "log.jsonl"
+    if args.export:
+        return export(ckpt_path, Path(args.export))
+
+    torch.manual_seed(args.seed)
+    ghn = GHNQ(GHNConfig(hidden=args.hidden)).to(device)
+    opt = torch.optim.Adam(ghn.parameters(), lr=args.lr)
+    step, elapsed = 0, 0.0
+    if args.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ck.get("format") != CKPT_FORMAT:
+            raise UserError(f"{ckpt_path}: not a meta-training checkpoint")
+        if GHNConfig(**ck["config"]) != ghn.config:
+            raise UserError(f"{ckpt_path}: GHN config {ck['config']} differs from this run's {ghn.config.to_dict()}")
+        ghn.load_state_dict(ck["ghn"])
+        opt.load_state_dict(ck["optimizer"])
+        step, elapsed = ck["step"], ck["elapsed"]
+        torch.set_rng_state(ck["rng_torch"])
+    elif rank == 0 and ckpt_path.exists():
+        raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+    model: nn.Module = ghn
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(ghn, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=True)
+
+    images, labels = load_cifar10("train", args.data_root, progress=rank == 0)
+    images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
+    cfg = SamplerConfig(max_macs=args.max_macs)
+    quant = not args.no_quant
+    pool = SpecPool(args.seed, rank, cfg, args.fresh, args.window)
+    if args.eval_every and rank == 0:
+        calib = calibration_images(256, args.data_root).to(device)
+        test_imgs, test_labels = load_cifar10("test", args.data_root, progress=False)
+        from ghnq.data import interleaved_order
+
+        order = interleaved_order(test_labels)[:args.eval_images]
+        test_x, test_y = to_x01(test_imgs[order]).to(device), torch.as_tensor(test_labels[order]).to(device)
+
+    def save() -> None:
+        if rank != 0:
+            return
+        atomic_torch_save(ckpt_path, {"format": CKPT_FORMAT, "config": ghn.config.to_dict(), "ghn": ghn.state_dict(),
+                                      "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
+                                      "rng_torch": torch.get_rng_state(), "args": vars(args)})
+
+    def log(record: dict) -> None:
+        if rank == 0:
+            with open(log_path, "a") as f:  # append-only; a torn last line is skipped by readers
+                f.write(json.dumps(record) + "\n")
+
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    last_ckpt = time.time()
+    ghn.train()
+    while step < args.steps:
+        t0 = time.time()
+        rng = random.Random(f"{args.seed}-{step}-{rank}")
+        drawn = pool.batch(step, args.meta_batch, rng)
+        bits = [rng.choice(bits_choices) for _ in drawn]
+        nets = [(net, graph) for _, net, graph in drawn]
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 101 + rank)
+        idx = torch.randint(0, len(images_t), (args.batch,), generator=gen)
+        x01 = augment(images_t[idx], gen).permute(0, 3, 1, 2).float().div(255.0).to(device)
+        y = labels_t[idx].to(device)
+        loss, acc = step_loss(model, nets, bits, x01, y, quant, ghn.config.hops)
+        opt.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):
+            loss.backward()
+            gnorm = float(nn.utils.clip_grad_norm_(ghn.parameters(), 5.0))
+            opt.step()
+        else:
+            gnorm = math.nan
+        step += 1
+        dt = time.time() - t0
+        elapsed += dt
+        log({"step": step, "loss": round(loss.item(), 4), "acc": round(acc, 4), "grad_norm": round(gnorm, 3),
+             "bits": bits, "sec": round(dt, 2), "elapsed": round(elapsed, 1), "time": time.time()})
+        if args.eval_every and step % args.eval_every == 0 and rank == 0:
+            te = time.time()
+            res = evaluate_heldout(ghn, args.eval_nets, calib, test_x, test_y, quant, ghn.config.hops)
+            log({"step": step, "eval": res, "eval_nets": args.eval_nets, "eval_images": len(test_x),
+                 "eval_sec": round(time.time() - te, 1), "elapsed": round(elapsed, 1), "time": time.time()})
+            save_checkpoint(out / "snapshots" / f"step-{step:06d}.pt", ghn,
+                            {"step": step, "quant": quant, "elapsed": elapsed})
+        if time.time() - last_ckpt >= args.checkpoint_every:
+            save()
+            last_ckpt = time.time()
+        if args.max_minutes and time.time() - t_start >= args.max_minutes * 60:
+            break
+    save()
+    if rank == 0:
+        save_checkpoint(out / "ghnq.pt", ghn, {"step": step, "quant": quant, "elapsed": elapsed})
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,138 @@
+"""Predict parameters for any nn.Module with the shipped GHN-Q checkpoint.
+
+    import ghnq
+    model = ghnq.predict(model, bits=8)       # conv/linear weights and biases filled in place
+
+    python -m ghnq.predict --arch specs/resnet20.yaml --bits 8 -o weights.pt
+
+Prediction only fills parameters: it does not train, switch modes or print. Normalization layers get
+weight 1, bias 0 and fresh running statistics (calibration re-estimates BN statistics on real images).
+The checkpoint file carries the GHN's config, its state_dict and a sha256 of that state_dict's tensors;
+a damaged or mismatched file is refused with a one-line UserError.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ghnq.cli import UserError, run_cli
+from ghnq.fileio import atomic_torch_save
+from ghnq.graph import extract_graph
+from ghnq.model import GHNQ, GHNConfig, bits_key, collate
+
+FORMAT = "ghnq-ghn/1"
+ASSET = Path(__file__).resolve().parent / "assets" / "ghnq.pt"
+
+
+def default_checkpoint() -> Path | None:
+    """The shipped checkpoint, or None when this build has none."""
+    return ASSET if ASSET.is_file() else None
+
+
+def state_digest(state: dict[str, Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of a state_dict (independent of pickle details)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | Path, ghn: GHNQ, meta: dict | None = None) -> Path:
+    """The shippable file: config + GHN weights + sha256 + free-form metadata (step, training flags)."""
+    state = {k: v.detach().cpu().clone() for k, v in ghn.state_dict().items()}
+    return atomic_torch_save(path, {"format": FORMAT, "config": ghn.config.to_dict(), "state_dict": state,
+                                    "sha256": state_digest(state), "meta": meta or {}})
+
+
+def load_checkpoint(path: str | Path | None = None, device: str = "cpu") -> GHNQ:
+    """Load and verify a GHN-Q checkpoint (default: the shipped one)."""
+    if path is None:
+        path = default_checkpoint()
+        if path is None:
+            raise UserError(f"no GHN-Q checkpoint shipped ({ASSET} missing); pass --checkpoint FILE")
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: GHN-Q checkpoint not found")
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise UserError(f"{path}: not a readable GHN-Q checkpoint ({type(err).__name__}: {str(err)[:100]})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise UserError(f"{path}: not a GHN-Q checkpoint (format {got!r}; expected {FORMAT!r})")
+    state, digest = obj.get("state_dict"), obj.get("sha256")
+    if not isinstance(state, dict) or not isinstance(digest, str):
+        raise UserError(f"{path}: GHN-Q checkpoint lacks state_dict or sha256")
+    actual = state_digest(state)
+    if actual != digest:
+        raise UserError(f"{path}: GHN-Q checkpoint is corrupt: sha256 of its weights is {actual[:16]}..., "
+                        f"its metadata says {digest[:16]}...")
+    try:
+        config = GHNConfig(**obj.get("config", {}))
+        ghn = GHNQ(config)
+        ghn.load_state_dict(state)
+    except (TypeError, RuntimeError) as err:
+        raise UserError(f"{path}: GHN-Q checkpoint does not match this code's model "
+                        f"({type(err).__name__}: {str(err)[:160]})") from None
+    ghn.meta = obj.get("meta", {})
+    return ghn.to(device).eval()
+
+
+@torch.no_grad()
+def predict_params(ghn: GHNQ, model: nn.Module, bits: int | str = 8) -> dict[str, Tensor]:
+    """{"module.weight": tensor, ...} for every conv/linear parameter of `model` (nothing is modified)."""
+    if not getattr(ghn, "meta", {}).get("quant", True):
+        bits = "float"  # a GHN trained without quantization only ever saw the float embedding
+    graph = extract_graph(model)
+    batch = collate([graph], ghn.config.hops).to(next(ghn.parameters()).device)
+    return ghn(batch, [bits_key(bits)])[0]
+
+
+_CACHE: dict[str, GHNQ] = {}
+
+
+def predict(model: nn.Module, bits: int | str = 8, checkpoint: str | Path | None = None) -> nn.Module:
+    """Fill `model`'s parameters in place with GHN-Q's prediction for `bits`; return `model`."""
+    path = str(checkpoint) if checkpoint is not None else str(default_checkpoint())
+    if path not in _CACHE:
+        _CACHE[path] = load_checkpoint(checkpoint)
+    params = predict_params(_CACHE[path], model, bits)
+    with torch.no_grad():
+        named = dict(model.named_parameters())
+        for name, value in params.items():
+            named[name].copy_(value.to(named[name].device, named[name].dtype))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.LayerNorm | nn.GroupNorm):
+                if getattr(m, "weight", None) is not None:
+                    m.weight.fill_(1.0)
+                    m.bias.zero_()
+                if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+                    m.reset_running_stats()
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ghnq.spec import build_model, load_spec
+
+    ap = argparse.ArgumentParser(prog="python -m ghnq.predict", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", required=True, help="spec.yaml")
+    ap.add_argument("--bits", default="8", help="target bit width: float, 8, 4, 2")
+    ap.add_argument("--checkpoint", default=None, help="GHN-Q checkpoint (default: the shipped one)")
+    ap.add_argument("-o", "--out", required=True, help="output state_dict (.pt)")
+    args = ap.parse_args(argv)
+    bits_key(args.bits)
+    model = build_model(load_spec(args.arch))
+    predict(model, bits=args.bits, checkpoint=args.checkpoint)
+    atomic_torch_save(args.out, model.state_dict())
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,79 @@
+"""GHN-Q graph extraction and prediction shapes on every spec and on torchvision nets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from ghnq.graph import PARAM_KINDS, extract_graph
+from ghnq.model import GHNQ, GHNConfig, collate
+from ghnq.spec import build_model, load_spec
+
+SPECS = sorted(Path(__file__).resolve().parents[1].glob("specs/*.yaml"))
+TV = ["resnet18", "mobilenet_v2", "mobilenet_v3_small"]
+
+
+def _models() -> list[tuple[str, nn.Module, int]]:
+    out = []
+    for p in SPECS:
+        with torch.device("meta"):
+            out.append((p.stem, build_model(load_spec(p)), 32))
+    for name in TV:
+        with torch.device("meta"):
+            out.append((name, getattr(torchvision.models, name)(num_classes=10), 224))
+    return out
+
+
+MODELS = _models()
+
+
+@pytest.mark.parametrize("name,model,hw", MODELS, ids=[m[0] for m in MODELS])
+def test_graph_covers_every_parameter(name: str, model: nn.Module, hw: int) -> None:
+    g = extract_graph(model, input_hw=hw)
+    assert all(s < d for s, d in g.edges), "edges must follow execution order"
+    # Every node but the input has a producer; every conv/linear is a parameter node with its true shape.
+    has_pred = {d for _, d in g.edges}
+    assert all(i in has_pred for i, n in enumerate(g.nodes) if n.kind != "input")
+    predicted = {f"{n.module}.{k}": s for n in g.nodes if n.kind in PARAM_KINDS for k, s in n.params.items()}
+    for pname, p in model.named_parameters():
+        owner = pname.rsplit(".", 1)[0]
+        if owner in g.norms:
+            continue
+        assert predicted[pname] == tuple(p.shape), pname
+    assert sum(n.kind == "classifier" for n in g.nodes) == 1
+    assert g.nodes[-1].kind == "classifier"
+
+
+def test_graph_kinds() -> None:
+    kinds = {name: {n.kind for n in extract_graph(m, input_hw=hw).nodes} for name, m, hw in MODELS}
+    assert {"conv", "bn", "relu", "add", "gap"} <= kinds["resnet20"]
+    assert {"dwconv", "se_conv", "mul", "hardsigmoid", "relu6"} <= kinds["tiny-mbv2"]
+    assert {"hardswish", "se_conv", "mul", "linear"} <= kinds["mobilenet_v3_small"]
+    assert "maxpool" in kinds["resnet18"]
+    # Spatial sizes: resnet20 ends at 8x8 before the global pool.
+    g = extract_graph(dict((n, m) for n, m, _ in MODELS)["resnet20"])
+    gap = next(i for i, n in enumerate(g.nodes) if n.kind == "gap")
+    assert g.nodes[gap - 1].hw == 8 and g.nodes[gap].hw == 1
+
+
+@pytest.mark.parametrize("name,model,hw", MODELS, ids=[m[0] for m in MODELS])
+def test_predicted_shapes_match(name: str, model: nn.Module, hw: int) -> None:
+    ghn = GHNQ(GHNConfig(hidden=16, dec_hidden=8, dec_out=16, dec_in=16, hops=10))
+    g = extract_graph(model, input_hw=hw)
+    with torch.no_grad():
+        params = ghn(collate([g], 10), ["4"])[0]
+    shapes = {k: tuple(p.shape) for k, p in model.named_parameters() if k.rsplit(".", 1)[0] not in g.norms}
+    assert {k: tuple(v.shape) for k, v in params.items()} == shapes
+    assert all(torch.isfinite(v).all() for v in params.values())
+
+
+def test_wide_layers_not_rank_deficient() -> None:
+    """Tiling a 16-wide block to 96 output channels must not repeat rows (the sign pattern breaks copies)."""
+    ghn = GHNQ(GHNConfig(hidden=16, dec_hidden=8, dec_out=16, dec_in=16))
+    with torch.no_grad():
+        (w,), _ = ghn.decode(torch.randn(1, 16), torch.tensor([0]), [(96, 48, 1, 1)])
+    assert torch.linalg.matrix_rank(w.view(96, 48)) == 48

@@ -1,0 +1,90 @@
+"""GHN-Q checkpoints (round trip, corrupt/mismatched refused), in-place prediction, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ghnq.cli import UserError
+from ghnq.model import GHNQ, GHNConfig
+from ghnq.predict import load_checkpoint, predict, predict_params, save_checkpoint
+from ghnq.spec import build_model, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = GHNConfig(hidden=16, dec_hidden=8, dec_out=16, dec_in=16, hops=10)
+
+
+@pytest.fixture()
+def ckpt(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path / "ghn.pt", GHNQ(SMALL), {"step": 0, "quant": True})
+
+
+def test_round_trip(ckpt: Path) -> None:
+    model = build_model(load_spec(ROOT / "specs/resnet20.yaml"))
+    torch.manual_seed(0)
+    ghn = GHNQ(SMALL)
+    a = predict_params(ghn.eval(), model, bits=8)
+    b = predict_params(load_checkpoint(ckpt), model, bits=8)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = predict_params(load_checkpoint(ckpt), model, bits=4)
+    assert not torch.equal(a["stem.0.weight"], c["stem.0.weight"]), "bit width must condition the decoder"
+
+
+def test_predict_in_place(ckpt: Path) -> None:
+    model = build_model(load_spec(ROOT / "specs/tiny-mbv2.yaml"))
+    model.stem[1].running_mean.fill_(3.0)
+    model.train()
+    out = predict(model, bits="8", checkpoint=ckpt)
+    assert out is model and model.training, "prediction must not switch modes"
+    expected = predict_params(load_checkpoint(ckpt), model, bits=8)
+    for name, p in model.named_parameters():
+        if name in expected:
+            assert torch.equal(p, expected[name])
+    assert torch.all(model.stem[1].running_mean == 0) and torch.all(model.stem[1].weight == 1)
+    torch.manual_seed(0)
+    y = model.eval()(torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(y).all()
+
+
+def test_corrupt_checkpoint_refused(ckpt: Path, tmp_path: Path) -> None:
+    obj = torch.load(ckpt, weights_only=True)
+    obj["state_dict"]["dec_channel"][0, 0, 0] += 1.0  # one changed weight: sha256 no longer matches
+    bad = tmp_path / "bad.pt"
+    torch.save(obj, bad)
+    with pytest.raises(UserError, match="corrupt"):
+        load_checkpoint(bad)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(ckpt.read_bytes()[:5000])
+    with pytest.raises(UserError, match="not a readable"):
+        load_checkpoint(junk)
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_mismatched_checkpoint_refused(ckpt: Path, tmp_path: Path) -> None:
+    obj = torch.load(ckpt, weights_only=True)
+    obj["config"]["hidden"] = 32  # weights of a hidden-16 GHN under a hidden-32 config
+    torch.save(obj, tmp_path / "mis.pt")
+    with pytest.raises(UserError, match="does not match"):
+        load_checkpoint(tmp_path / "mis.pt")
+    torch.save({"format": "something-else"}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="not a GHN-Q checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_cli(ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "w.pt"
+    cmd = [sys.executable, "-m", "ghnq.predict", "--arch", str(ROOT / "specs/sepnet.yaml"), "--checkpoint", str(ckpt)]
+    r = subprocess.run(cmd + ["--bits", "4", "-o", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+    model = build_model(load_spec(ROOT / "specs/sepnet.yaml"))
+    model.load_state_dict(torch.load(out, weights_only=True))
+    r = subprocess.run(cmd + ["--bits", "3", "-o", str(tmp_path / "x.pt")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("error: bits: got '3'") and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.pt").exists()

@@ -1,0 +1,77 @@
+"""The fake-quant used in GHN-Q's training loop: levels, BN-fold equivariance, quantization points."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ghnq.fakequant import FakeQuantNet, finalize_stats, fq_act, fq_weight
+from ghnq.spec import build_model, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_weight_levels_and_ste() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    for bits in (8, 4, 2):
+        q = fq_weight(w, bits)
+        for c in range(8):
+            scale = w[c].abs().max() / (2 ** (bits - 1) - 1)
+            codes = q[c] / scale
+            assert torch.allclose(codes, codes.round(), atol=1e-4)
+            assert codes.abs().max() <= 2 ** (bits - 1) - 1 + 1e-4
+        q.sum().backward()
+        assert torch.equal(w.grad, torch.ones_like(w))  # straight-through
+        w.grad = None
+    assert fq_weight(w, None) is w
+
+
+def test_bn_fold_commutes_with_per_channel_quant() -> None:
+    """fq(W * s) == s * fq(W) for positive per-channel s: conv(fq(W)) → BN is the folded quantized conv."""
+    torch.manual_seed(1)
+    w = torch.randn(16, 8, 3, 3)
+    s = torch.rand(16).add(0.1).view(-1, 1, 1, 1)
+    assert torch.allclose(fq_weight(w * s, 4), s * fq_weight(w, 4), atol=1e-6)
+
+
+def test_act_quant() -> None:
+    x = torch.linspace(-1, 3, 1000)
+    q = fq_act(x, 8)
+    assert len(torch.unique(q)) <= 256 and (q - x).abs().max() <= 4 / 255 / 2 + 1e-6
+    assert (q == 0).any()  # zero is exactly representable
+    assert fq_act(x, None) is x
+
+
+def test_quant_points_follow_fusion() -> None:
+    net = FakeQuantNet(build_model(load_spec(ROOT / "specs/resnet20.yaml")))
+    pts = net.points
+    assert "stem_0" not in pts and "stem_1" not in pts and "stem_2" in pts      # conv → BN → ReLU fused
+    assert "add" not in pts and "stages_0_act" in pts                            # add + ReLU fused
+    assert "stages_0_conv2_1" in pts                                             # BN feeding an add: materialized
+    net2 = FakeQuantNet(build_model(load_spec(ROOT / "specs/tiny-mbv2.yaml")))
+    assert "mul" in net2.points and "stages_3_se_scale_activation" in net2.points
+
+
+def test_functional_run_matches_module() -> None:
+    """Float, batch-stat BN: FakeQuantNet with the module's own parameters equals the module in train mode.
+
+    (With the input normalization folded into the first conv, zero padding means pixel 0 instead of the
+    mean pixel, as in the integer graph; so compare with the fold off.)"""
+    torch.manual_seed(0)
+    model = build_model(load_spec(ROOT / "specs/tiny-mbv2.yaml"))
+    net = FakeQuantNet(model)
+    assert net.fold_input
+    net.fold_input = False
+    x01 = torch.rand(16, 3, 32, 32)
+    from ghnq.data import MEAN, STD
+
+    xn = (x01 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    params = dict(model.named_parameters())
+    collect: dict = {}
+    y = net(x01, params, bn="batch", collect=collect)
+    assert torch.allclose(y, model.train()(xn), atol=1e-4)
+    stats = finalize_stats(collect)
+    y8 = net(x01, params, wbits=8, abits=8, bn="stats", stats=stats)
+    assert torch.isfinite(y8).all() and not torch.equal(y8, y)
