@@ -95,10 +95,11 @@ def stage_score(args: argparse.Namespace) -> None:
     from calibration.qmodel import load as load_qm
 
     images, labels, src = load_eval_images(args.test_images)
+    images, labels = images[args.offset:args.offset + args.count], labels[args.offset:args.offset + args.count]
     t0 = time.time()
     acc = top1(load_qm(args.qm), images, labels)
     write(args.out, args.name, {"qm": str(args.qm), "top1": acc, "test_images": len(labels), "source": src,
-                                "eval_s": round(time.time() - t0, 1)})
+                                "offset": args.offset, "eval_s": round(time.time() - t0, 1)})
 
 
 class STE(nn.Module):
@@ -169,7 +170,14 @@ def stage_qat(args: argparse.Namespace) -> None:
 def stage_report(args: argparse.Namespace) -> None:
     def get(name: str) -> dict:
         p = args.out / f"{name}.json"
-        return json.loads(p.read_text()) if p.exists() else {}
+        if p.exists():
+            return json.loads(p.read_text())
+        parts = [json.loads(q.read_text()) for q in sorted(args.out.glob(f"{name}.part*.json"))]
+        if not parts:  # a scoring split over processes (score --offset/--count): merge the parts
+            return {}
+        n = sum(q["test_images"] for q in parts)
+        return {"top1": sum(q["top1"] * q["test_images"] for q in parts) / n, "test_images": n,
+                "eval_s": max(q["eval_s"] for q in parts)}
 
     fl, ea, qat = get("float"), get("ea"), get("qat")
     for key, name in (("start_test_top1", "ptq_score"), ("final_test_top1", "ea_score")):
@@ -203,6 +211,11 @@ def stage_report(args: argparse.Namespace) -> None:
     if qat and qat.get("curve"):
         ax.plot([c["image_forwards"] for c in qat["curve"]], [100 * c["test_acc"] for c in qat["curve"]], "s-",
                 label="STE-QAT (test subset)")
+    if ea and ea.get("final_test_top1") is not None:
+        ax.plot([ea["image_forwards"]], [100 * ea["final_test_top1"]], "*", ms=14, color="C0",
+                label="EA-CC final, 10k test")
+    if qat and qat.get("top1") is not None:
+        ax.plot([qat["image_forwards"]], [100 * qat["top1"]], "*", ms=14, color="C2", label="STE-QAT final, 10k test")
     if fl:
         ax.axhline(100 * fl["top1"], color="k", ls="--", lw=1, label="float (SGD), 10k test")
     if ea and ea.get("start_test_top1") is not None:
@@ -222,6 +235,8 @@ def main() -> None:
     p.add_argument("stage", choices=("float", "ea", "qat", "score", "report"))
     p.add_argument("--qm", type=Path, help="score: the .qm to score")
     p.add_argument("--name", default="score", help="score: result name (OUT/NAME.json)")
+    p.add_argument("--offset", type=int, default=0, help="score: first test image (split a scoring over processes)")
+    p.add_argument("--count", type=int, default=10000, help="score: number of test images from --offset")
     p.add_argument("--weights", type=Path, default=ROOT / "runs" / "resnet20-sgd" / "weights.pt")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-evolve")
     p.add_argument("--test-images", type=int, default=10000)
