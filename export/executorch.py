@@ -593,6 +593,9 @@ class ExecuTorchRunner:
         self.fp32_input = fp32_input
         kind = "fp32" if fp32_input else "int8"
         self.name = (f"ExecuTorch {_executorch_version()} XNNPACK ({kind}, {threads} thread{'s' * (threads > 1)})")
+        # XNNPACK's int8 kernels, as LiteRT's default delegate (export.verify compares with the xnnpack sim);
+        # caveat: hardswish / avg pool / pad run in fp32 inside this delegate (see the module docstring)
+        self.arithmetic = "xnnpack"
 
     def prepare(self, x: np.ndarray) -> list[torch.Tensor]:
         """NHWC int8 codes → the program's inputs, one [1, C, H, W] tensor per image."""

@@ -458,6 +458,8 @@ class LiteRTRunner:
         self.input = self.interp.get_input_details()[0]
         self.output = self.interp.get_output_details()[0]
         self.name = f"LiteRT {_litert_version()} ({kernels}, {threads} thread{'s' * (threads > 1)})"
+        # the int8 arithmetic this run implements (export.verify holds it to the sim with the same rounding)
+        self.arithmetic = "xnnpack" if kernels == "xnnpack" else "tflite"
 
     def invoke(self, x: np.ndarray) -> None:
         self.interp.set_tensor(self.input["index"], x[None])

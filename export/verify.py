@@ -11,8 +11,12 @@ An exporter hands over *runners*: callables `runner(x_codes) -> outputs` taking 
 Metrics (report.json keys): `top1_agreement` (artifact vs sim, 0..1), `max_step_error` / `p99_step_error`
 (|artifact − sim| over every logit, in int8 steps), `accuracy_artifact` / `accuracy_sim` / `accuracy_float`,
 the same against the integer reference (`reference_*`) when calibration provides it, and per exact runner the
-number of differing codes. The verification inputs, the sim's expected codes and the labels are saved under
-`verify/` for the device bundle (devices/bundle.py reads exactly these names).
+number of differing codes. "The sim" is `simulate(..., rounding=runner.arithmetic)`: a runner declares the int8
+arithmetic it implements ("xnnpack" for LiteRT's default delegate and ExecuTorch's XNNPACK backend, "tflite" for
+TFLite's kernels), so the tolerance measures the file, not a known rounding difference; `vs_tflite_sim` reports
+the artifact against the TFLite-rounding sim for information. The verification inputs, that sim's expected codes
+(what a device running the default XNNPACK delegate must reproduce) and the labels are saved under `verify/` for
+the device bundle (devices/bundle.py reads exactly these names).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ VERIFY_FILES = {"inputs": "inputs_int8.npy", "expected": "expected_int8.npy", "l
 
 class Runner(Protocol):
     name: str
+    arithmetic: str  # "xnnpack" (XNNPACK's int8 kernels) or "tflite" (TFLite's kernels): the sim it is held to
 
     def __call__(self, x: np.ndarray) -> np.ndarray: ...
 
@@ -104,12 +109,17 @@ def verify(qm: QuantizedModel, runners: Runners, images: np.ndarray, labels: np.
     tol = tol or Tolerance()
     x = input_codes(images)
     nr = min(reference_images, len(images))
-    sim = _timed("sim", lambda: simulate(qm, images), quiet)
+    arithmetic = getattr(runners.runner, "arithmetic", "tflite")
+    sim = _timed(f"sim ({arithmetic} rounding)", lambda: simulate(qm, images, rounding=arithmetic), quiet)
+    # the TFLite-rounding sim, for information: how far the runtime's own rounding moves the logits
+    sim_tflite = sim if arithmetic == "tflite" else _timed("sim (tflite rounding)", lambda: simulate(qm, images),
+                                                           quiet)
     ref = _timed("integer reference", lambda: reference_run(qm, images[:nr]), quiet)
     out = _timed(runners.runner.name, lambda: runners.runner(x), quiet)
     vs_sim = step_errors(out, sim)
     r: dict[str, Any] = {
         "runtime": runners.runner.name,
+        "arithmetic": arithmetic,
         "images": len(images),
         "top1_agreement": float((top1(out) == top1(sim)).mean()),
         "max_step_error": vs_sim["max"],
@@ -120,6 +130,9 @@ def verify(qm: QuantizedModel, runners: Runners, images: np.ndarray, labels: np.
         "accuracy_sim": float((top1(sim) == labels).mean()),
         "accuracy_float": float_accuracy(float_model, images, labels) if float_model is not None else None,
         "tolerance": {"max_step_error": tol.max_steps, "min_top1_agreement": tol.min_agreement},
+        "vs_tflite_sim": {"top1_agreement": float((top1(out) == top1(sim_tflite)).mean()),
+                          **{k: v for k, v in step_errors(out, sim_tflite).items() if k in ("max", "p99",
+                                                                                           "differing_codes")}},
     }
     failures = []
     if r["max_step_error"] > tol.max_steps:
