@@ -53,7 +53,8 @@ def main() -> None:
             print(json.dumps({"run": run.name, "step": s, "hours": round(e["elapsed"] / 3600, 2),
                               "nets": e["eval_nets"], "images": e["eval_images"],
                               **{k: round(v, 4) for k, v in e["eval"].items()}}))
-    ax1.axhline(10, color="gray", lw=0.8, ls="--")
+    ax1.axhline(10, color="gray", lw=0.8, ls="--")  # chance
+    ax1.set_ylim(0, max(30.0, ax1.get_ylim()[1]))
     ax1.set_xlabel("meta-training step")
     ax1.set_ylabel("held-out mean top-1 (%)")
     ax1.set_title("GHN-Q held-out nets, CIFAR-10 test subset")
