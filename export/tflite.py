@@ -473,6 +473,19 @@ class LiteRTRunner:
             out[i] = self.interp.get_tensor(self.output["index"])[0]
         return out
 
+    def run_named(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Outputs [N, ...] of a graph whose every input is fed by tensor name from `feeds` ({name: [N, ...]});
+        for graphs of one op with several inputs (add, mul), run on another run's captured tensors."""
+        details = self.interp.get_input_details()
+        n = len(feeds[details[0]["name"]])
+        out = np.empty((n, *self.output["shape"][1:]), self.output["dtype"])
+        for i in range(n):
+            for d in details:
+                self.interp.set_tensor(d["index"], feeds[d["name"]][i:i + 1].reshape(d["shape"]))
+            self.interp.invoke()
+            out[i] = self.interp.get_tensor(self.output["index"])[0]
+        return out
+
     def tensors(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Every named tensor of the graph (activations only) for inputs [N, ...], stacked over N."""
         details = [d for d in self.interp.get_tensor_details() if d["name"] and len(d["shape"]) and

@@ -42,14 +42,7 @@ def per_op_differences(qm: QuantizedModel, images: np.ndarray) -> dict[str, list
     _, env = simulate(qm, images, capture=True, rounding="xnnpack")
     diff: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for op in qm.ops:
-        r = T.LiteRTRunner(T.build_tflite(qm, ops=[op]), "xnnpack")
-        outs = []
-        for i in range(len(images)):
-            for d in r.interp.get_input_details():
-                r.interp.set_tensor(d["index"], env[d["name"]][i:i + 1].reshape(d["shape"]))
-            r.interp.invoke()
-            outs.append(r.interp.get_tensor(r.output["index"])[0])
-        got = np.stack(outs)
+        got = T.LiteRTRunner(T.build_tflite(qm, ops=[op]), "xnnpack").run_named(env)
         want = env[op.outputs[0]].reshape(got.shape)
         diff[op.kind][0] += int((got != want).sum())
         diff[op.kind][1] += int(got.size)
