@@ -4,9 +4,10 @@
     logits = net(x01, params, wbits=4, abits=8)     # x01 = pixels / 255, NCHW
 
 The quantization follows the exported integer graph, cheaply:
-- Input: the integer graph takes pixel/255 (exact on its grid) with the normalization folded into the
-  first conv, so here too the first conv's weight is W / std (per input channel) before its fake-quant,
-  and the mean goes into its bias.
+- Input: the integer graph takes (pixel - 128)/255 (int8 code = pixel - 128, zero point 0) with the
+  normalization folded into the first conv, so here too the first conv reads x01 - 128/255 with weight
+  W / std (per input channel) before its fake-quant, and (mean - 128/255) goes into its bias. Zero padding
+  then means pixel 128 at the border, as in the integer graph.
 - Weights: per-output-channel symmetric, straight-through estimator. BN is folded into the conv before
   weight quantization in the integer graph. With BN weight 1 (what GHN-Q sets), the fold multiplies output
   channel c by s_c = 1/sqrt(var_c + eps) > 0, and per-channel symmetric fake-quant is scale-equivariant:
@@ -123,6 +124,7 @@ class FakeQuantNet:
                  abits: int | None = None, bn: str = "batch", stats: dict | None = None,
                  collect: dict | None = None, ranges: dict | None = None, observe: dict | None = None) -> Tensor:
         mean = torch.tensor(MEAN, dtype=x01.dtype, device=x01.device)
+        shift = 128.0 / 255.0  # the integer graph's input zero point: code 0 = pixel 128
         std = torch.tensor(STD, dtype=x01.dtype, device=x01.device)
         env: dict[fx.Node, object] = {}
 
@@ -131,7 +133,7 @@ class FakeQuantNet:
 
         for n in self.nodes:
             if n.op == "placeholder":
-                out = x01 if self.fold_input else (x01 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+                out = x01 - shift if self.fold_input else (x01 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
             elif n.op == "get_attr":
                 out = getattr(self.gm, n.target)
             elif n.op == "output":
@@ -142,7 +144,7 @@ class FakeQuantNet:
                 if isinstance(m, nn.Conv2d):
                     w, b = params[n.target + ".weight"], params.get(n.target + ".bias")
                     if self.fold_input and n.args[0].op == "placeholder":
-                        fold_b = -(w * (mean / std).view(1, -1, 1, 1)).sum((1, 2, 3))
+                        fold_b = -(w * ((mean - shift) / std).view(1, -1, 1, 1)).sum((1, 2, 3))
                         b = fold_b if b is None else b + fold_b
                         w = w / std.view(1, -1, 1, 1)
                     out = F.conv2d(x, fq_weight(w, wbits), b, m.stride, m.padding, m.dilation, m.groups)
