@@ -97,9 +97,15 @@ def _is_se(path: str, modules: dict[str, nn.Module]) -> bool:
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """torch.fx symbolic trace; a model that cannot be traced is a clear UserError."""
+    """torch.fx symbolic trace (an executable GraphModule); an untraceable model is a clear UserError."""
+    return fx.GraphModule(model, trace_graph(model))
+
+
+def trace_graph(model: nn.Module) -> fx.Graph:
+    """torch.fx symbolic trace, graph only: building a GraphModule (code generation) costs a third of the trace
+    and prediction does not run the graph."""
     try:
-        return fx.symbolic_trace(model)
+        return fx.Tracer().trace(model)
     except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, ...
         raise UserError(f"GHN-Q cannot trace {type(model).__name__} with torch.fx (data-dependent control flow?): "
                         f"{type(err).__name__}: {str(err)[:160]}") from None
@@ -107,7 +113,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 def extract_graph(model: nn.Module, gm: fx.GraphModule | None = None, input_hw: int | None = None) -> Graph:
     """The op graph of `model` (traced with torch.fx unless `gm` is given)."""
-    gm = gm if gm is not None else trace(model)
+    graph = gm.graph if gm is not None else trace_graph(model)
     modules = dict(model.named_modules())
     if input_hw is None:
         spec = getattr(model, "spec", None)
@@ -130,7 +136,7 @@ def extract_graph(model: nn.Module, gm: fx.GraphModule | None = None, input_hw: 
     def in_hw(fxn: fx.Node) -> int:
         return max([hw.get(a, 1) for a in fxn.all_input_nodes] or [1])
 
-    for fxn in gm.graph.nodes:
+    for fxn in graph.nodes:
         h = in_hw(fxn)
         if fxn.op == "placeholder":
             hw[fxn] = input_hw
@@ -215,7 +221,7 @@ def extract_graph(model: nn.Module, gm: fx.GraphModule | None = None, input_hw: 
         add(fxn, node)
 
     # The parameter node whose output feeds the network output is the classifier: its own embedding.
-    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out = next(n for n in graph.nodes if n.op == "output")
     frontier = [s for a in out.all_input_nodes for s in source.get(a, [])]
     preds: dict[int, list[int]] = {}
     for s, d in edges:

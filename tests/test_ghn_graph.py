@@ -77,3 +77,16 @@ def test_wide_layers_not_rank_deficient() -> None:
     with torch.no_grad():
         (w,), _ = ghn.decode(torch.randn(1, 16), torch.tensor([0]), [(96, 48, 1, 1)])
     assert torch.linalg.matrix_rank(w.view(96, 48)) == 48
+
+
+@pytest.mark.parametrize("name,model,hw", MODELS[:3] + MODELS[-1:], ids=[m[0] for m in MODELS[:3] + MODELS[-1:]])
+def test_inference_sweep_equals_training_sweep(name: str, model: nn.Module, hw: int) -> None:
+    """Prediction's fused in-place sweep (no autograd) computes what the training sweep computes."""
+    torch.manual_seed(0)
+    ghn = GHNQ(GHNConfig(hidden=16, dec_hidden=8, dec_out=16, dec_in=16, hops=10))
+    batch = collate([extract_graph(model, input_hw=hw)], 10)
+    trained = ghn.embed(batch)
+    with torch.no_grad():
+        predicted = ghn.embed(batch)
+    assert trained.requires_grad and not predicted.requires_grad
+    torch.testing.assert_close(predicted, trained.detach(), rtol=1e-5, atol=1e-5)
