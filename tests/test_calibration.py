@@ -188,15 +188,47 @@ def test_sim_matches_reference_per_op(spec, calib_images, test_images):
             assert diff.max() == 0, f"{op.kind} {op.source}: {int((diff > 0).sum())} codes differ"
 
 
+def _sgd_model(spec: str, steps: int = 40, batch: int = 64, seed: int = 0) -> tuple[nn.Module, float]:
+    """A few SGD steps on real images (CIFAR-10 training split, else the embedded sample): logits that carry
+    class evidence, unlike a random init whose logits are near-constant. Returns (model, its float top-1
+    on the images it trained on)."""
+    images, labels, _ = load_eval_images(512, split="train", quiet=True)
+    torch.manual_seed(seed)
+    m = build_model(load_spec(ROOT / "specs" / spec))
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x, y = to_float(images), torch.from_numpy(labels)
+    g = torch.Generator().manual_seed(seed)
+    m.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        loss = nn.functional.cross_entropy(m(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        acc = float((m(x).argmax(1) == y).float().mean())
+    return m, acc
+
+
 @pytest.mark.parametrize("spec", ["resnet20.yaml", "tiny-mbv2.yaml"])
 def test_sim_vs_reference_end_to_end(spec, calib_images, test_images):
-    images, labels = test_images
-    qm = calibrate(_model(spec, calib_images), calib_images, progress=False)
+    """Issue 7's bar on real images with SGD-trained weights: W8A8 sim vs integer reference top-1 agreement
+    ≥ 99.9 % and ≥ 99 % of logits within one int8 step (the full 10,000-image figures: BENCHMARKS.md)."""
+    images = test_images[0][:120]
+    model, train_acc = _sgd_model(spec)
+    assert train_acc > 0.2, f"{spec}: the SGD steps did not train ({train_acc:.3f}); the check would be vacuous"
+    qm = calibrate(model, calib_images, progress=False)
     s = simulate(qm, images)
     r = reference.run(qm, images)
+    assert len(np.unique(r.argmax(1))) >= 4, "reference predicts almost one class: logits carry no evidence"
     diff = np.abs(s.astype(int) - r.astype(int))
-    assert (s.argmax(1) == r.argmax(1)).mean() >= 0.999
-    assert (diff <= 1).mean() >= 0.99
+    agree = (s.argmax(1) == r.argmax(1)).mean()
+    assert agree >= 0.999, f"{spec}: top-1 agreement {agree:.4f} on {len(images)} images"
+    assert (diff <= 1).mean() >= 0.99, f"{spec}: {(diff > 1).sum()} logits more than one step apart"
+    # the comparison can see a rounding error: the textbook float-rounding sim differs from the reference
+    f = simulate(qm, images[:40], rounding="float")
+    assert (f != r[:40]).any(), "float-rounding sim equals the reference: the comparison would miss errors"
 
 
 def test_weight_override_is_the_same_sim(qm_tiny, test_images):
