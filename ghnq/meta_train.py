@@ -313,9 +313,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_minutes and time.time() - t_start >= args.max_minutes * 60:
             break
     save()
+    if world > 1:
+        log(ddp_sync_record(ghn, drawn, world))
     if rank == 0:
         save_checkpoint(out / "ghnq.pt", ghn, {"step": step, "quant": quant, "elapsed": elapsed})
     return 0
+
+
+def ddp_sync_record(ghn: GHNQ, drawn: list, world: int) -> dict:
+    """Proof that DDP did its job: every rank holds the same GHN (max abs difference to rank 0's parameters)
+    although each drew different nets (the spec hashes of every rank's last meta-batch)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().flatten() for p in ghn.parameters()]).cpu()
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    hashes: list = [None] * world
+    dist.all_gather_object(hashes, [spec_hash(spec) for spec, _, _ in drawn])
+    return {"ddp_world": world, "ddp_max_param_diff": max(float((g - gathered[0]).abs().max()) for g in gathered),
+            "ddp_last_specs": hashes}
 
 
 if __name__ == "__main__":
