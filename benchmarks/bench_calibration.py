@@ -152,7 +152,8 @@ def markdown(res: dict) -> str:
             p = r["parity"]
             for name, key in (("tflite (default)", "tflite"), ("float (textbook)", "float")):
                 q = p[key]
-                lines.append(f"| {res['arch']} | W{r['weight_bits']}A8 | {r['method']} | {p['images']} | {name} | "
+                lines.append(f"| {res['arch']} | W{r['weight_bits']}A8 | {r['method']} | {q.get('images', p['images'])}"
+                             f" | {name} | "
                              f"{q['top1_agreement']:.2%} | {q['logits_within_1']:.4%} | {q['logits_max_abs']} | "
                              f"{q['codes_differ']:,} / {q['codes']:,} | {p['reference_top1']:.4f} | "
                              f"{p['reference_s']:.0f} |")
@@ -164,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", required=True)
     p.add_argument("--weights", required=True, help="float state_dict or trainer checkpoint")
     p.add_argument("--images", type=int, default=10000, help="test images (first N, class-interleaved)")
-    p.add_argument("--parity-images", type=int, default=10000, help="images for sim vs reference (≤ --images)")
+    p.add_argument("--parity-images", type=int, default=10000, help="images for sim vs reference (may exceed "
+                   "--images: the parity observers' sim then runs on these)")
+    p.add_argument("--float-parity-images", type=int, default=None, help="images for the float-rounding sim "
+                   "contrast (default: --parity-images)")
     p.add_argument("--calib-images", type=int, default=512, help="calibration images (training split)")
     p.add_argument("--methods", default=",".join(METHODS), help="observers run at W8A8")
     p.add_argument("--w4-methods", default=",".join(METHODS), help="observers also run at W4A8 ('' for none)")
@@ -185,8 +189,6 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"observer {m!r}: allowed: {', '.join(METHODS)}")
     if not set(parity) <= set(methods):
         raise UserError(f"--parity-methods {parity}: each must also be in --methods {methods}")
-    if a.parity_images > a.images:
-        raise UserError(f"--parity-images {a.parity_images} > --images {a.images}")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {a.device}: torch sees no CUDA device")
     torch.set_num_threads(a.threads)
@@ -194,12 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(spec)
     load_weights(model, a.weights)
     model.eval()
-    test, labels, src, calib, calib_src = load_images(a)
+    n_eval = a.images
+    a.images = max(a.images, a.parity_images)  # load enough for both; top-1 rows use the first n_eval
+    all_test, all_labels, src, calib, calib_src = load_images(a)
+    test, labels = all_test[:n_eval], all_labels[:n_eval]
     if a.save_data_npz:
         atomic_write(a.save_data_npz, lambda f: np.savez_compressed(
-            f, test_images=test, test_labels=labels, calib_images=calib, test_source=src, calib_source=calib_src))
+            f, test_images=all_test, test_labels=all_labels, calib_images=calib, test_source=src,
+            calib_source=calib_src))
         print(f"wrote {a.save_data_npz}", flush=True)
-    res: dict = {"arch": spec_name(spec), "weights": a.weights, "test_images": len(test), "test_source": src,
+    res: dict = {"arch": spec_name(spec), "weights": a.weights, "test_images": n_eval, "test_source": src,
                  "calib_images": len(calib), "calib_source": calib_src, "device": a.device,
                  "torch": torch.__version__, "host": platform.node(),
                  "started_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
@@ -218,24 +224,28 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         qm = calibrate(model, calib, method=method, weight_bits=bits, act_bits=8, progress=False)
         t1 = time.time()
-        codes = Simulator(qm, device=a.device).run(test, batch_size=a.batch)
+        do_parity = bits == 8 and method in parity and a.parity_images > 0
+        codes_all = Simulator(qm, device=a.device).run(all_test[:max(n_eval, a.parity_images)] if do_parity
+                                                       else test, batch_size=a.batch)
+        codes = codes_all[:n_eval]
         t2 = time.time()
         top1 = float((codes.argmax(1) == labels).mean())
         row = {"weight_bits": bits, "act_bits": 8, "method": method, "sim_top1": top1,
                "drop_pp": 100 * (res["float_top1"] - top1), "calibrate_s": t1 - t0, "sim_s": t2 - t1}
         print(f"  W{bits}A8 {method}: sim top-1 {top1:.4f} (drop {row['drop_pp']:+.2f} pp), calibrate "
               f"{row['calibrate_s']:.1f} s, sim {row['sim_s']:.1f} s", flush=True)
-        if bits == 8 and method in parity and a.parity_images > 0:
-            px = test[:a.parity_images]
+        if do_parity:
+            px = all_test[:a.parity_images]
             t3 = time.time()
             ref = run_reference(qm, px, a.ref_workers)
             ref_s = time.time() - t3
-            s_tfl = codes[:len(px)]
-            s_flt = Simulator(qm, device=a.device, rounding="float").run(px, batch_size=a.batch)
+            s_tfl = codes_all[:len(px)]
+            nf = min(len(px), a.float_parity_images if a.float_parity_images is not None else len(px))
+            s_flt = Simulator(qm, device=a.device, rounding="float").run(px[:nf], batch_size=a.batch)
             row["parity"] = {"images": len(px), "reference_s": ref_s, "ref_workers": a.ref_workers,
-                             "reference_top1": float((ref.argmax(1) == labels[:len(px)]).mean()),
+                             "reference_top1": float((ref.argmax(1) == all_labels[:len(px)]).mean()),
                              "tflite": _parity(compare(s_tfl, ref), s_tfl, ref),
-                             "float": _parity(compare(s_flt, ref), s_flt, ref)}
+                             "float": {"images": nf, **_parity(compare(s_flt, ref[:nf]), s_flt, ref[:nf])}}
             q = row["parity"]["tflite"]
             print(f"    parity on {len(px)} images: sim (tflite rounding) vs reference top-1 agreement "
                   f"{q['top1_agreement']:.4%}, logits within 1 step {q['logits_within_1']:.4%}, max "
