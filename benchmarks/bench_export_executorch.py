@@ -9,8 +9,15 @@ fp32 `.tflite`. Then, in this process:
     models interleaved round by round so load changes on this shared machine hit all of them alike
     (ExecuTorch: `method.execute`, XNNPACK delegate; LiteRT: `invoke`, default XNNPACK delegate);
   * on N real test images: top-1 agreement and logit step errors of each int8 artifact vs the fake-quant
-    sim, and of ExecuTorch vs TFLite; accuracy of every artifact, the sim and the float model.
+    sim with its own arithmetic (ExecuTorch: rounding="executorch", LiteRT + XNNPACK: "xnnpack") and vs the
+    TFLite-rounding sim, and of ExecuTorch vs TFLite; accuracy of every artifact, the sims and the float model.
 Prints a markdown table and writes OUT/results.json.
+
+    python -m benchmarks.bench_export_executorch --agreement runs/etx/resnet20 runs/etx/sepnet ...
+
+Agreement only, from folders `python -m export.executorch` wrote (its `.pte`, `.qm` and verify/ inputs and
+labels): ExecuTorch vs the executorch / xnnpack / tflite sims and vs LiteRT + XNNPACK running our `.tflite`
+of the same `.qm`, one markdown row per folder (+ OUT/agreement.json).
 """
 
 from __future__ import annotations
@@ -83,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-round", type=int, default=40, help="invokes per round (default 40)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--out", default="out/bench-executorch")
+    p.add_argument("--agreement", nargs="+", metavar="DIR", help="agreement only, from export.executorch folders")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.agreement:
+        return agreement_from_exports([Path(d) for d in args.agreement], Path(args.out))
 
     from calibration import calibrate, simulate
     from calibration.sim import input_codes
@@ -123,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     x = input_codes(images)
     tin = qm.tensors[qm.input]
     qin = (float(tin.scale[0]), int(tin.zero_point[0]))
-    sim = simulate(qm, images)
+    sim = simulate(qm, images, rounding="executorch")
+    sim_xnn = simulate(qm, images, rounding="xnnpack")
+    sim_tfl = simulate(qm, images)
     et = E.ExecuTorchRunner(paths["executorch int8"])(x)
     tfl = T.LiteRTRunner(paths["tflite int8"], "xnnpack")(x)
     et32 = E.ExecuTorchRunner(paths["executorch fp32"], fp32_input=qin)(x)
@@ -135,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         "export_s": {k: round(v, 3) for k, v in export_s.items()}, "lower_s": prog8.seconds,
         "size_bytes": {k: p.stat().st_size for k, p in paths.items()},
         "delegation": prog8.delegation["outside_delegate"] or "all delegated",
-        "executorch_vs_sim": agreement(et, sim), "tflite_vs_sim": agreement(tfl, sim),
-        "executorch_vs_tflite": agreement(et, tfl),
+        "executorch_vs_sim": agreement(et, sim), "tflite_vs_sim": agreement(tfl, sim_xnn),
+        "executorch_vs_tflite_rounding_sim": agreement(et, sim_tfl), "executorch_vs_tflite": agreement(et, tfl),
         "accuracy": {k: float((v.argmax(1) == labels).mean()) for k, v in acc.items()},
         "latency_ms": {},
     }
@@ -145,6 +157,46 @@ def main(argv: list[str] | None = None) -> int:
         res["latency_ms"][f"{th} thread{'s' * (th > 1)}"] = latencies(paths, x, qin, th, args.rounds, args.per_round)
     atomic_write_text(out / "results.json", json.dumps(res, indent=1) + "\n")
     print(table(res))
+    return 0
+
+
+def agreement_from_exports(dirs: list[Path], out: Path) -> int:
+    """One row per `python -m export.executorch` folder: ExecuTorch vs each sim and vs LiteRT + XNNPACK."""
+    import os
+
+    from calibration.qmodel import load
+    from calibration.sim import simulate
+    from export import executorch as E
+    from export import tflite as T
+    from ghnq.fileio import atomic_write_text
+
+    rows = []
+    for d in dirs:
+        r = json.loads((d / "report.json").read_text())
+        qm = load(r["artifacts"]["qm"])
+        x = np.load(d / "verify" / "inputs_int8.npy")
+        images = (x.astype(np.int16) + 128).astype(np.uint8)  # the inverse of input_codes
+        t0 = time.perf_counter()
+        et = E.ExecuTorchRunner(r["artifacts"]["int8"])(x)
+        tfl = T.LiteRTRunner(T.build_tflite(qm), "xnnpack")(x)
+        sims = {k: simulate(qm, images, rounding=k) for k in ("executorch", "xnnpack", "tflite")}
+        rows.append({"name": r["name"], "weights": r["weights"], "images": len(x),
+                     "fp32_inside_delegate": E.fp32_inside_delegate(qm),
+                     **{f"executorch_vs_{k}_sim": agreement(et, v) for k, v in sims.items()},
+                     "litert_vs_xnnpack_sim": agreement(tfl, sims["xnnpack"]),
+                     "executorch_vs_litert": agreement(et, tfl), "seconds": round(time.perf_counter() - t0, 1),
+                     "load_average": os.getloadavg()})
+    atomic_write_text(out / "agreement.json", json.dumps(rows, indent=1) + "\n")
+    cols = ("executorch_vs_executorch_sim", "executorch_vs_xnnpack_sim", "executorch_vs_tflite_sim",
+            "executorch_vs_litert", "litert_vs_xnnpack_sim")
+    print("| model | fp32 inside delegate | " + " | ".join(c.replace("_", " ") for c in cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for row in rows:
+        cells = [f"{100 * row[c]['top1']:.1f} % / {100 * row[c]['within_1']:.2f} % / {row[c]['max_step']} / "
+                 f"{row[c]['differing_codes']:,}" for c in cols]
+        fp32 = ", ".join(f"{k} ×{v}" for k, v in row["fp32_inside_delegate"].items()) or "—"
+        print(f"| {row['name']} ({row['weights']}, {row['images']} images) | {fp32} | " + " | ".join(cells) + " |")
+    print("(cells: top-1 agreement / logits within 1 step / max step / differing logit codes)")
     return 0
 
 
@@ -162,7 +214,7 @@ def table(r: dict[str, Any]) -> str:
                      f"{v['executorch int8'] / v['tflite int8']:.2f}×")
     lines += ["", "| int8 logits | top-1 agreement | within 1 step | max step | differing codes |",
               "|---|---|---|---|---|"]
-    for k in ("executorch_vs_sim", "tflite_vs_sim", "executorch_vs_tflite"):
+    for k in ("executorch_vs_sim", "tflite_vs_sim", "executorch_vs_tflite_rounding_sim", "executorch_vs_tflite"):
         a = r[k]
         lines.append(f"| {k.replace('_', ' ')} | {100 * a['top1']:.2f} % | {100 * a['within_1']:.2f} % | "
                      f"{a['max_step']} | {a['differing_codes']} |")

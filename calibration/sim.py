@@ -24,6 +24,11 @@ exist only here). Requantization (`rounding`):
       mul in float32 ("fp32" requantization, round half to even), add with XNNPACK's own integer
       multipliers and shift, mean with 1/N and the zero points folded into a float32 scale and offset.
       Hardswish stays TFLite's table (LiteRT runs int8 HARD_SWISH outside the delegate).
+    "executorch": "xnnpack", except the ops ExecuTorch's XNNPACK partitioner lowers only in fp32 (they run
+      inside the delegate between convert ops: dequantize → float32 op → quantize, see `et_*` below):
+      hardswish (a 256-entry table from XNNPACK's f32 hardswish of each dequantized code) and avg_pool2d
+      (XNNPACK's float32 pooling sum and 1/count multiplier). Pad is exact either way (the round trip of a
+      code through float32 returns the code; the padding value real 0 is the zero point).
 The input is the int8 code `pixel - 128` (scale 1/255, zero point 0).
 
 Integer weights swapped in (the low-bit evolutionary search): `Simulator(qm, device)` keeps the constants
@@ -45,6 +50,8 @@ from calibration.qmodel import Op, QuantizedModel, input_codes
 from calibration.reference import activation_range, hardswish, mean_multiplier, quantize_multiplier
 
 Hook = Callable[[str, torch.Tensor], torch.Tensor]
+ROUNDINGS = ("tflite", "float", "xnnpack", "executorch")
+ET_FP32_OPS = ("hardswish", "avg_pool2d")  # what rounding="executorch" computes as dequantize → float32 → quantize
 _CLAMP = {"none": (None, None), "relu": (0.0, None), "relu6": (0.0, 6.0), "relu_0_to_1": (0.0, 1.0)}
 
 
@@ -119,8 +126,12 @@ class Simulator:
 
     def __init__(self, qm: QuantizedModel, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64,
                  rounding: str = "tflite"):
-        if rounding not in ("tflite", "float", "xnnpack"):
-            raise ValueError(f"rounding {rounding!r}; allowed: tflite, float, xnnpack")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding {rounding!r}; allowed: {', '.join(ROUNDINGS)}")
+        # "executorch" is "xnnpack" plus the fp32-inside-delegate ops (self.fp32_ops)
+        self.arithmetic = rounding
+        self.fp32_ops = ET_FP32_OPS if rounding == "executorch" else ()
+        rounding = "xnnpack" if rounding == "executorch" else rounding
         self.qm, self.device, self.dtype, self.rounding = qm, torch.device(device), dtype, rounding
         self.consts = {n: torch.as_tensor(t.data, device=self.device).to(dtype)
                        for n, t in qm.tensors.items() if t.is_const}
@@ -151,6 +162,8 @@ class Simulator:
             # fixed-point HARD_SWISH), so the sim is bit-exact here too
             qi, qo = self.q[op.inputs[0]], self.q[op.outputs[0]]
             lut = hardswish(np.arange(-128, 128).astype(np.int8), qi[:2], qo[:2])
+            if "hardswish" in self.fp32_ops:
+                lut = et_hardswish_table(qi[:2], qo[:2])
             p["lut"] = torch.as_tensor(lut.astype(np.float64), device=dev).to(self.dtype)
         elif op.kind == "mean":
             shape = self.qm.tensors[op.inputs[0]].shape
@@ -213,6 +226,8 @@ class Simulator:
             return p["lut"][(args[0] + 128).long()].clamp(lo, hi)
         elif k == "max_pool2d":
             return F.max_pool2d(_pad(args[0], a["padding"], float("-inf")), a["kernel"], a["stride"])
+        elif k == "avg_pool2d" and "avg_pool2d" in self.fp32_ops:
+            return et_avg_pool(args[0], a, *ins[0][:2]).to(args[0].dtype)
         elif k == "avg_pool2d":
             x = args[0]
             total = F.avg_pool2d(_pad(x, a["padding"]), a["kernel"], a["stride"], divisor_override=1)
@@ -360,3 +375,51 @@ def xnn_mean_requantize(total: torch.Tensor, p: dict) -> torch.Tensor:
     y = total.to(f) * torch.tensor(p["scale"], dtype=f, device=total.device) + torch.tensor(p["offset"], dtype=f,
                                                                                             device=total.device)
     return torch.round(y).to(total.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ExecuTorch's XNNPACK delegate runs hardswish and avg_pool2d in float32 between convert ops (its partitioner
+# configs for them allow FP32 only). Measured code for code with one op alone in the ExecuTorch 1.5.1 runtime
+# on every input code (tests/test_export_executorch.py): convert qs8 → f32 is float32(q − zp) · s; convert
+# f32 → qs8 is round half to even of y · float32(1 / s_out), plus zp, saturated.
+
+
+def _et_quantize(y: torch.Tensor, s_out: float, zp_out: int) -> torch.Tensor:
+    inv = torch.tensor(_f32(1) / _f32(s_out), dtype=torch.float32, device=y.device)
+    return (torch.round(y.to(torch.float32) * inv) + zp_out).clamp(-128, 127)
+
+
+def et_hardswish_table(q_in: tuple[float, int], q_out: tuple[float, int]) -> np.ndarray:
+    """int8 code + 128 → output code: XNNPACK's f32 hardswish of the dequantized code, quantized. The float32
+    evaluation order matters on ties: x · (min(max(x + 3, 0), 6) · (1/6)) is the one that matches the runtime
+    on every code (measured; x·(1/6)·clamp and x·clamp/6 miss 1–2 of 768 codes with round scales)."""
+    x = torch.arange(-128, 128, dtype=torch.float32).sub(q_in[1]).mul(torch.tensor(_f32(q_in[0])))
+    y = x * ((x + 3.0).clamp(0.0, 6.0) * torch.tensor(_f32(1.0 / 6.0)))
+    return _et_quantize(y, *q_out).numpy().astype(np.int8)
+
+
+def et_avg_pool(x: torch.Tensor, a: dict, s: float, zp: int) -> torch.Tensor:
+    """XNNPACK's f32 average pooling of the dequantized codes (NCHW), quantized with the shared (s, zp).
+
+    The window's taps are read column by column (XNNPACK's pooling indirection buffer), padded taps are 0.0,
+    summed in the 9-tap microkernel's tree order ((v0+v1)+v8)+(v6+v7) added to (v2+v3)+(v4+v5), then multiplied
+    by float32(1 / in-range count) (the pixelwise multiplier). Windows of more than 9 taps run XNNPACK's
+    multipass kernel, which this does not model: there it sums in tap order (not measured)."""
+    n, c, h, w = x.shape
+    kh, kw = a["kernel"]
+    t, b, left, r = a.get("padding", [0, 0, 0, 0])
+    xf = (x.to(torch.float32) - zp) * torch.tensor(_f32(s))
+    cols = F.unfold(F.pad(xf, (left, r, t, b)), (kh, kw), stride=a["stride"])  # [N, C·kh·kw, L], taps row-major
+    taps = cols.view(n, c, kh, kw, -1).transpose(2, 3).reshape(n, c, kh * kw, -1)  # column-major taps
+    ones = F.unfold(F.pad(torch.ones(1, 1, h, w, device=x.device), (left, r, t, b)), (kh, kw), stride=a["stride"])
+    mult = 1.0 / ones.sum(1).to(torch.float32)  # [1, L], float32 division, as XNNPACK fills its multiplier buffer
+    if kh * kw <= 9:
+        v = list(taps.unbind(2)) + [torch.zeros_like(taps[:, :, 0])] * (9 - kh * kw)
+        total = ((v[2] + v[3]) + (v[4] + v[5])) + (((v[0] + v[1]) + v[8]) + (v[6] + v[7]))
+    else:
+        total = taps[:, :, 0]
+        for i in range(1, kh * kw):
+            total = total + taps[:, :, i]
+    oh = (h + t + b - kh) // a["stride"][0] + 1
+    ow = (w + left + r - kw) // a["stride"][1] + 1
+    return _et_quantize((total * mult).view(n, c, oh, ow), s, zp)

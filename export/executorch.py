@@ -29,9 +29,15 @@ Route (each step one function below, read top to bottom):
      anything, is left outside XNNPACK. Both go into the report.
 
 What XNNPACK runs in int8 here: conv (regular and depthwise), linear, add, mul, mean over H, W, max pool,
-relu / relu6 / 0..1 clamps, reshape. XNNPACK's ExecuTorch partitioner has no int8 hardswish, average pool or
-constant pad: those run inside the same delegate in fp32 between XNNPACK convert ops (dequantize → op →
-quantize with the QM's parameters), which the report lists under `writer.delegation.fp32_inside_delegate`.
+relu / relu6 / 0..1 clamps, reshape. XNNPACK's ExecuTorch partitioner configs allow hardswish, average pool
+and constant pad in FP32 only (ExecuTorch 1.5.1: HardswishConfig, AvgPoolingConfig, ConstantPadConfig; the
+bundled XNNPACK has no int8 average pooling at all, "Average Pooling (NHWC, F16/F32)" only): they run inside
+the same delegate in fp32 between XNNPACK convert ops (dequantize → op → quantize with the QM's parameters).
+The report counts them under `writer.delegation.fp32_inside_delegate` ({op: count}; a conv's explicit
+asymmetric padding counts as a pad). That arithmetic is not TFLite's int8 HARD_SWISH / AVERAGE_POOL_2D:
+the runner declares arithmetic "executorch", and verification holds it to `simulate(rounding="executorch")`,
+which computes exactly those float32 ops (calibration/sim.py `et_*`; measured code for code per op). Pad is
+exact either way (a code's float32 round trip returns the code).
 
 The `.pte` input is int8 NCHW [1, C, H, W] (the QM's input codes, pixel − 128, channel-first); the output is
 the QM's int8 logit codes. The fp32 twin (`<name>_fp32.pte`) is the same module unquantized, lowered to
@@ -411,11 +417,24 @@ def lower(qm: QuantizedModel, fp32: bool = False) -> Program:
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], constant_methods=io)
         times["lower"] = time.perf_counter() - t0
     delegation = _delegation(edge.exported_program().graph_module)
-    delegation["fp32_inside_delegate"] = sorted({op.kind for op in qm.ops if op.kind in FP32_ONLY}) if not fp32 else []
+    delegation["fp32_inside_delegate"] = {} if fp32 else fp32_inside_delegate(qm)
     t0 = time.perf_counter()
     data = bytes(edge.to_executorch().buffer)
     times["serialize"] = time.perf_counter() - t0
     return Program(data, delegation, {k: round(v, 3) for k, v in times.items()})
+
+
+def fp32_inside_delegate(qm: QuantizedModel) -> dict[str, int]:
+    """{op kind: count} of the QM ops the int8 program runs as dequantize → fp32 op → quantize in the delegate."""
+    counts: dict[str, int] = {}
+    for op in qm.ops:
+        kind = op.kind if op.kind in FP32_ONLY else None
+        if op.kind in ("conv2d", "depthwise_conv2d"):
+            t, b, left, r = op.attrs["padding"]
+            kind = "pad" if t != b or left != r else None  # the conv's explicit pad (see OpModule)
+        if kind:
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _io_methods(kind: str, args: tuple) -> dict[str, Any]:
@@ -593,9 +612,9 @@ class ExecuTorchRunner:
         self.fp32_input = fp32_input
         kind = "fp32" if fp32_input else "int8"
         self.name = (f"ExecuTorch {_executorch_version()} XNNPACK ({kind}, {threads} thread{'s' * (threads > 1)})")
-        # XNNPACK's int8 kernels, as LiteRT's default delegate (export.verify compares with the xnnpack sim);
-        # caveat: hardswish / avg pool / pad run in fp32 inside this delegate (see the module docstring)
-        self.arithmetic = "xnnpack"
+        # XNNPACK's int8 kernels (as LiteRT's default delegate), except hardswish / avg pool / pad, which run in
+        # fp32 inside this delegate: export.verify holds it to simulate(rounding="executorch")
+        self.arithmetic = "executorch"
 
     def prepare(self, x: np.ndarray) -> list[torch.Tensor]:
         """NHWC int8 codes → the program's inputs, one [1, C, H, W] tensor per image."""

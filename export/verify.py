@@ -12,11 +12,12 @@ Metrics (report.json keys): `top1_agreement` (artifact vs sim, 0..1), `max_step_
 (|artifact − sim| over every logit, in int8 steps), `accuracy_artifact` / `accuracy_sim` / `accuracy_float`,
 the same against the integer reference (`reference_*`) when calibration provides it, and per exact runner the
 number of differing codes. "The sim" is `simulate(..., rounding=runner.arithmetic)`: a runner declares the int8
-arithmetic it implements ("xnnpack" for LiteRT's default delegate and ExecuTorch's XNNPACK backend, "tflite" for
-TFLite's kernels), so the tolerance measures the file, not a known rounding difference; `vs_tflite_sim` reports
-the artifact against the TFLite-rounding sim for information. The verification inputs, that sim's expected codes
-(what a device running the default XNNPACK delegate must reproduce) and the labels are saved under `verify/` for
-the device bundle (devices/bundle.py reads exactly these names).
+arithmetic it implements ("xnnpack" for LiteRT's default delegate, "executorch" for ExecuTorch's XNNPACK backend
+= XNNPACK's int8 kernels plus its fp32-inside-the-delegate hardswish / avg pool, "tflite" for TFLite's kernels),
+so the tolerance measures the file, not a known rounding difference; `vs_tflite_sim` (and, for "executorch",
+`vs_xnnpack_sim`: what LiteRT's delegate computes) reports the artifact against the other sims for information.
+The verification inputs, that sim's expected codes (what a device running the artifact's runtime must
+reproduce) and the labels are saved under `verify/` for the device bundle (devices/bundle.py reads these names).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ VERIFY_FILES = {"inputs": "inputs_int8.npy", "expected": "expected_int8.npy", "l
 
 class Runner(Protocol):
     name: str
-    arithmetic: str  # "xnnpack" (XNNPACK's int8 kernels) or "tflite" (TFLite's kernels): the sim it is held to
+    arithmetic: str  # "xnnpack", "executorch" or "tflite" (calibration.sim roundings): the sim it is held to
 
     def __call__(self, x: np.ndarray) -> np.ndarray: ...
 
@@ -114,6 +115,8 @@ def verify(qm: QuantizedModel, runners: Runners, images: np.ndarray, labels: np.
     # the TFLite-rounding sim, for information: how far the runtime's own rounding moves the logits
     sim_tflite = sim if arithmetic == "tflite" else _timed("sim (tflite rounding)", lambda: simulate(qm, images),
                                                            quiet)
+    sim_xnn = _timed("sim (xnnpack rounding)", lambda: simulate(qm, images, rounding="xnnpack"),
+                     quiet) if arithmetic == "executorch" else None
     ref = _timed("integer reference", lambda: reference_run(qm, images[:nr]), quiet)
     out = _timed(runners.runner.name, lambda: runners.runner(x), quiet)
     vs_sim = step_errors(out, sim)
@@ -134,6 +137,10 @@ def verify(qm: QuantizedModel, runners: Runners, images: np.ndarray, labels: np.
                           **{k: v for k, v in step_errors(out, sim_tflite).items() if k in ("max", "p99",
                                                                                            "differing_codes")}},
     }
+    if sim_xnn is not None:
+        r["vs_xnnpack_sim"] = {"top1_agreement": float((top1(out) == top1(sim_xnn)).mean()),
+                               **{k: v for k, v in step_errors(out, sim_xnn).items() if k in ("max", "p99",
+                                                                                             "differing_codes")}}
     failures = []
     if r["max_step_error"] > tol.max_steps:
         failures.append(f"max step error {r['max_step_error']} > {tol.max_steps}")
@@ -272,7 +279,13 @@ def report_markdown(r: dict[str, Any]) -> str:
     for k, v in (r.get("artifacts") or {}).items():
         lines.append(f"- {k}: `{v}`")
     lines += [f"- weights: {r.get('weights')}", f"- calibration: {r.get('calibration')}",
-              f"- verified on {r.get('images')} images ({r.get('verify_source')}) with {r.get('runtime')}", "",
+              f"- verified on {r.get('images')} images ({r.get('verify_source')}) with {r.get('runtime')}, "
+              f"against the sim with {r.get('arithmetic', 'tflite')} arithmetic"]
+    fp32_ops = ((r.get("writer") or {}).get("delegation") or {}).get("fp32_inside_delegate")
+    if fp32_ops:
+        lines.append("- fp32 inside the delegate (dequantize → float32 op → quantize; modelled by the sim): "
+                     + ", ".join(f"{k} ×{v}" for k, v in fp32_ops.items()))
+    lines += ["",
               "| metric | value |", "|---|---|",
               f"| top-1 agreement, artifact vs sim | {pct(r.get('top1_agreement'))} |",
               f"| max / p99 logit error vs sim (int8 steps) | {r.get('max_step_error')} / {r.get('p99_step_error')} |",
