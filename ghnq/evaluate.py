@@ -148,12 +148,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", default=None, help="also write the JSON lines to this file")
+    ap.add_argument("--resume", action="store_true", help="keep the specs already in --out, evaluate the rest")
+    ap.add_argument("--shard", default="0/1", metavar="K/N",
+                    help="evaluate only specs i with i %% N == K (run N processes side by side, one per core)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     bits = parse_bits(args.bits)
     specs = [load_spec(p) for p in args.arch] + heldout_specs(args.heldout)
-    if not specs:
+    try:
+        shard, shards = (int(v) for v in args.shard.split("/"))
+        assert 0 <= shard < shards
+    except (ValueError, AssertionError):
+        raise UserError(f"--shard: got {args.shard!r}; expected K/N with 0 <= K < N, e.g. 1/2") from None
+    specs = specs[shard::shards]
+    lines: list[str] = []
+    if args.resume and args.out and Path(args.out).is_file():
+        lines = [ln for ln in Path(args.out).read_text().splitlines() if ln.strip()]
+        done = {json.loads(ln)["spec"] for ln in lines}
+        specs = [s for s in specs if s.get("name", "?") not in done]
+    if not specs and not lines:
         raise UserError("nothing to evaluate: give --arch SPEC... and/or --heldout N")
     if args.images < 1 or args.bn_images < 1:
         raise UserError("--images and --bn-images must be >= 1")
@@ -168,7 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     calib = to_x01(calib_u8)
     print(f"# {len(specs)} specs; test: {len(test)} images from {source}; BN statistics re-estimated on "
           f"{len(calib)} training images; init: {args.init}; engine: {args.engine}", file=sys.stderr)
-    lines: list[str] = []
     for spec in tqdm(specs, desc="evaluating", unit="spec", file=sys.stderr, disable=len(specs) < 3):
         model = build_model(spec)
         net = FakeQuantNet(model)
