@@ -308,7 +308,8 @@ def test_killed_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest
     def killed(*_a: object) -> None:
         raise KeyboardInterrupt  # the process dies between writing the temp file and the rename
 
-    monkeypatch.setattr(E, "lower", lambda qm, fp32=False: program("poolnet"))
+    prog = program("poolnet")  # before the patch: program() itself calls E.lower (a cache miss would recurse)
+    monkeypatch.setattr(E, "lower", lambda qm, fp32=False: prog)
     monkeypatch.setattr(ghnq.fileio.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         E.write_pte(get("poolnet")[0], tmp_path / "m_xnnpack.pte")
