@@ -5,6 +5,10 @@ The root is `--data-root` / `$GHNQ_DATA_ROOT`, defaulting to `../shared/data/cif
 project. The decoded arrays are cached under `$GHNQ_CACHE` (default `~/.cache/ghnq`), keyed by a hash of
 the folder's file list (names and sizes), so a changed folder is decoded again. Images are uint8 NHWC.
 
+The root may also be one packed file (`python -m scripts.pack_data`: the JPEG bytes of each split in one .npz,
+~46 MB for the training split) for machines that receive the project as a size-capped copy; it is decoded on
+arrival into the same cache.
+
 When no data root exists, `load_eval_images` falls back to the embedded sample shipped in the package
 (512 test images) and says so: calibration, export and verification then still work on real images.
 """
@@ -68,6 +72,8 @@ def load_cifar10(split: str, root: str | os.PathLike | None = None, progress: bo
     if split not in ("train", "test"):
         raise UserError(f"split: got {split!r}; allowed: train, test")
     root = Path(root) if root is not None else default_data_root()
+    if root.is_file():
+        return _load_packed(root, split, progress)
     split_dir = root / split
     if not split_dir.is_dir():
         raise UserError(f"{split_dir}: data folder not found; set --data-root or GHNQ_DATA_ROOT to a folder "
@@ -96,6 +102,43 @@ def load_cifar10(split: str, root: str | os.PathLike | None = None, progress: bo
     return images, labels
 
 
+PACK_FORMAT = "ghnq-cifar10-jpeg/1"
+
+
+def _load_packed(pack: Path, split: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A split of a packed file (scripts/pack_data.py), decoded once into the cache keyed by the pack's hash."""
+    from ghnq.fileio import sha256_file
+
+    cache = cache_dir() / f"cifar10-{split}-pack-{sha256_file(pack)[:16]}.npz"
+    if cache.exists():
+        try:
+            with np.load(cache) as z:
+                return z["images"], z["labels"]
+        except (OSError, ValueError, KeyError):
+            pass
+    try:
+        with np.load(pack) as z:
+            if str(z["format"]) != PACK_FORMAT:
+                raise UserError(f"{pack}: format {str(z['format'])!r}; expected {PACK_FORMAT!r}")
+            blob, offsets, labels = z[f"{split}_jpeg"], z[f"{split}_offsets"], z[f"{split}_labels"]
+    except KeyError as err:
+        raise UserError(f"{pack}: no {err.args[0]!r} array; this pack holds no '{split}' split "
+                        "(make it with python -m scripts.pack_data --splits train,test)") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"{pack}: not a readable packed CIFAR-10 file ({err})") from None
+    from PIL import Image
+    from tqdm import tqdm
+
+    def decode(i: int) -> np.ndarray:
+        with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+    images = np.stack([decode(i) for i in tqdm(range(len(labels)), desc=f"decoding packed CIFAR-10 {split}",
+                                               unit="img", disable=not progress, mininterval=1.0)])
+    atomic_write(cache, lambda f: np.savez(f, images=images, labels=labels))
+    return images, labels
+
+
 def load_sample() -> tuple[np.ndarray, np.ndarray]:
     """The embedded sample: 512 CIFAR-10 test images shipped with the package."""
     with np.load(SAMPLE_PATH) as z:
@@ -110,9 +153,9 @@ def load_eval_images(n: int | None = None, root: str | os.PathLike | None = None
     The subset is the first `n` of a fixed class-interleaved order, so it is balanced and repeatable.
     """
     root = Path(root) if root is not None else default_data_root()
-    if (root / split).is_dir():
+    if root.is_file() or (root / split).is_dir():
         images, labels = load_cifar10(split, root, progress=not quiet)
-        source = f"{root / split}"
+        source = f"{root}:{split}" if root.is_file() else f"{root / split}"
     else:
         if not quiet:
             print(f"note: no CIFAR-10 data at {root / split}; using the embedded sample of "
