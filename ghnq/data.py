@@ -83,12 +83,9 @@ def load_cifar10(split: str, root: str | os.PathLike | None = None, progress: bo
     for label, p in files:
         key.update(f"{label}/{p.name}/{p.stat().st_size}\n".encode())
     cache = cache_dir() / f"cifar10-{split}-{key.hexdigest()[:16]}.npz"
-    if cache.exists():
-        try:
-            with np.load(cache) as z:
-                return z["images"], z["labels"]
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache is rebuilt below
+    cached = _read_cache(cache)
+    if cached is not None:
+        return cached
     from tqdm import tqdm
 
     images = np.stack([_decode(p) for _, p in tqdm(files, desc=f"decoding CIFAR-10 {split}", unit="img",
@@ -105,17 +102,25 @@ def load_cifar10(split: str, root: str | os.PathLike | None = None, progress: bo
 PACK_FORMAT = "ghnq-cifar10-jpeg/1"
 
 
-def _load_packed(pack: Path, split: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A split of a packed file (scripts/pack_data.py), decoded once into the cache keyed by the pack's hash."""
-    from ghnq.fileio import sha256_file
-
-    cache = cache_dir() / f"cifar10-{split}-pack-{sha256_file(pack)[:16]}.npz"
+def _read_cache(cache: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """Decoded images from the cache, or None when absent or damaged (then decoded again)."""
     if cache.exists():
         try:
             with np.load(cache) as z:
                 return z["images"], z["labels"]
         except (OSError, ValueError, KeyError):
             pass
+    return None
+
+
+def _load_packed(pack: Path, split: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A split of a packed file (scripts/pack_data.py), decoded once into the cache keyed by the pack's hash."""
+    from ghnq.fileio import sha256_file
+
+    cache = cache_dir() / f"cifar10-{split}-pack-{sha256_file(pack)[:16]}.npz"
+    cached = _read_cache(cache)
+    if cached is not None:
+        return cached
     try:
         with np.load(pack) as z:
             if str(z["format"]) != PACK_FORMAT:
