@@ -17,8 +17,8 @@ LiteRT specifics, named where they are used (see /work/shared/EXPORT-NOTES.md):
   * MEAN folds 1/N into the multiplier: shift' = min(floor(log2 N), 32, 31 + shift),
     mult' = (mult << shift') // N, applied to (sum - zp_in * N) with shift - shift';
   * ADD rescales both inputs to a common scale with left_shift 20 (TFLite's int8 add);
-  * HARD_SWISH: reference_ops::HardSwish's int16 fixed-point arithmetic (its multipliers computed in
-    float32 as in HardSwishPrepare).
+  * hardswish: a 256-entry int8 table (`hardswish_table`), which export.tflite writes as CAST → ADD → GATHER
+    (not TFLite's HARD_SWISH, whose int16 fixed-point kernel is kept here as `tflite_hardswish` for comparison).
 XNNPACK (the default delegate) rounds some of these differently; it may differ from this by one code.
 Only 8-bit activations exist here (4-bit activations are simulation-only).
 """
@@ -26,6 +26,7 @@ Only 8-bit activations exist here (4-bit activations are simulation-only).
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 
@@ -269,8 +270,32 @@ def _downscale_to_int16(m: int) -> int:
     return INT16_MAX if m >= INT32_MAX - (1 << 15) else (m + (1 << 15)) >> 16
 
 
+@lru_cache(maxsize=1024)
+def hardswish_table(qi: tuple[float, int], qo: tuple[float, int]) -> np.ndarray:
+    """int8 hardswish as one integer function: table[q + 128] = output code of input code q (read-only).
+
+    Why a table, and this one: it is exactly what ExecuTorch's XNNPACK delegate computes (its partitioner lowers
+    hardswish only in fp32: dequantize → float32 hardswish → quantize, inside the delegate), while TFLite's own
+    int8 HARD_SWISH kernel (`tflite_hardswish`, int16 fixed point) differs from it by up to 1 code per op. A
+    table is the one integer function every runtime can evaluate identically, so export.tflite writes this
+    table (CAST → ADD 128 → GATHER) and the sim uses it in every rounding mode. Built once per (qi, qo); the
+    fp32 order of operations is calibration.sim.et_hardswish_table's (measured code for code).
+    """
+    from calibration.sim import et_hardswish_table  # here, not at the top: calibration.sim imports this module
+
+    table = et_hardswish_table((float(qi[0]), int(qi[1])), (float(qo[0]), int(qo[1])))
+    table.flags.writeable = False  # shared by every caller through the cache
+    return table
+
+
 def hardswish(x: np.ndarray, qi: tuple[float, int], qo: tuple[float, int]) -> np.ndarray:
-    """reference_ops::HardSwish<int8> with HardSwishPrepare's params (float32 scale arithmetic)."""
+    """int8 hardswish: integer codes in → `hardswish_table` → integer codes out."""
+    return hardswish_table((float(qi[0]), int(qi[1])), (float(qo[0]), int(qo[1])))[x.astype(np.int64) + 128]
+
+
+def tflite_hardswish(x: np.ndarray, qi: tuple[float, int], qo: tuple[float, int]) -> np.ndarray:
+    """reference_ops::HardSwish<int8> with HardSwishPrepare's params (float32 scale arithmetic): TFLite's own
+    HARD_SWISH, which the exporter no longer writes (it differs from ExecuTorch's; see `hardswish_table`)."""
     hires = np.float32(1.0 / 128.0) * np.float32(qi[0])
     om, oe = quantize_multiplier(float(np.float32(hires / np.float32(qo[0]))))
     rm, re_ = quantize_multiplier(float(np.float32(hires / np.float32(3.0 / 32768.0))))

@@ -9,7 +9,8 @@ in float64 tensors, batched, CPU or CUDA), quantized at exactly the QM's tensors
     conv / depthwise / fc / mul / mean: the exact integer accumulator acc = Σ (q_x - zp_x)·q_w + q_b
       (float64 holds it exactly), then requantized to the output scale;
     add: in real values, y = (q_a - zp_a)·s_a + (q_b - zp_b)·s_b, then q = round_half_away(y / s_out) + zp_out;
-    hardswish: a 256-entry table of TFLite's int16 fixed-point HARD_SWISH (from calibration.reference);
+    hardswish: calibration.reference.hardswish_table in every rounding mode (the 256-entry int8 table of
+      ExecuTorch's fp32 hardswish, which the TFLite writer writes as CAST → ADD → GATHER, so all runtimes agree);
     max/avg pool, pad, reshape: on the codes (they share their input's scale);
 then the fused-activation clamp and the saturating cast to the tensor's [qmin, qmax] (4-bit activations
 exist only here). Requantization (`rounding`):
@@ -23,10 +24,10 @@ exist only here). Requantization (`rounding`):
       XNNPACK backend run (functions `xnn_*` below, each naming its XNNPACK source): conv / depthwise / fc /
       mul in float32 ("fp32" requantization, round half to even), add with XNNPACK's own integer
       multipliers and shift, mean with 1/N and the zero points folded into a float32 scale and offset.
-      Hardswish stays TFLite's table (LiteRT runs int8 HARD_SWISH outside the delegate).
+      Hardswish is the shared table (LiteRT runs the writer's GATHER outside the delegate).
     "executorch": "xnnpack", except the ops ExecuTorch's XNNPACK partitioner lowers only in fp32 (they run
       inside the delegate between convert ops: dequantize → float32 op → quantize, see `et_*` below):
-      hardswish (a 256-entry table from XNNPACK's f32 hardswish of each dequantized code) and avg_pool2d
+      hardswish (the shared table above, which is defined as this fp32 computation) and avg_pool2d
       (XNNPACK's float32 pooling sum and 1/count multiplier). Pad is exact either way (the round trip of a
       code through float32 returns the code; the padding value real 0 is the zero point).
 The input is the int8 code `pixel - 128` (scale 1/255, zero point 0).
@@ -47,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from calibration.qmodel import Op, QuantizedModel, input_codes
-from calibration.reference import activation_range, hardswish, mean_multiplier, quantize_multiplier
+from calibration.reference import activation_range, hardswish_table, mean_multiplier, quantize_multiplier
 
 Hook = Callable[[str, torch.Tensor], torch.Tensor]
 ROUNDINGS = ("tflite", "float", "xnnpack", "executorch")
@@ -158,12 +159,10 @@ class Simulator:
             p["eff"] = float(sa) * float(sb) / float(s_out)
             p["mult"], p["shift"] = quantize_multiplier(p["eff"])
         elif op.kind == "hardswish":
-            # an elementwise int8 op is a 256-entry table: take it from the integer reference (TFLite's int16
-            # fixed-point HARD_SWISH), so the sim is bit-exact here too
+            # the integer reference's table (ExecuTorch's fp32 hardswish per code), whatever the rounding mode:
+            # every runtime evaluates this same table, so the sim is bit-exact here in all of them
             qi, qo = self.q[op.inputs[0]], self.q[op.outputs[0]]
-            lut = hardswish(np.arange(-128, 128).astype(np.int8), qi[:2], qo[:2])
-            if "hardswish" in self.fp32_ops:
-                lut = et_hardswish_table(qi[:2], qo[:2])
+            lut = hardswish_table(qi[:2], qo[:2])
             p["lut"] = torch.as_tensor(lut.astype(np.float64), device=dev).to(self.dtype)
         elif op.kind == "mean":
             shape = self.qm.tensors[op.inputs[0]].shape

@@ -7,8 +7,9 @@ representative dataset → their own ranges), so the scales, zero points, int8 w
 their files are not the ones our calibration chose, and the sim would no longer predict the device. The
 schema's generated object API (`ai_edge_litert.schema_py_generated`: ModelT, SubGraphT, TensorT, ...) lets us
 write exactly the QuantizedModel's numbers, op by op, with no converter in between: every QM op becomes one
-TFLite builtin (plus a PAD where torch's symmetric padding is not TFLite's SAME), activations are fused, the
-layout is NHWC from the start (no transposes), and the input/output tensors are int8.
+TFLite builtin (plus a PAD where torch's symmetric padding is not TFLite's SAME; int8 hardswish is a table
+lookup, CAST → ADD → GATHER, see `_hardswish`), activations are fused, the layout is NHWC from the start (no
+transposes), and the input/output tensors are int8.
 
 The fp32 twin: the same writer with float32 tensors and the QM's dequantized constants (w = q·s, b = q_b·s_b),
 so it is the same graph doing the same work in float — the fair latency baseline (its accuracy differs from
@@ -30,6 +31,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as tfl
 
 from calibration.qmodel import Op, QuantizedModel, Tensor
+from calibration.reference import hardswish_table
 from export.pipeline import Built, add_common_args, run_export
 from export.verify import Runners
 from ghnq.cli import UserError, run_cli
@@ -41,7 +43,11 @@ from ghnq.fileio import atomic_write_bytes
 INT8_VERSIONS = {
     "CONV_2D": 3, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 4, "ADD": 2, "MUL": 2, "MEAN": 2,
     "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2, "HARD_SWISH": 1, "PAD": 2, "RESHAPE": 1,
+    # int8 hardswish's table lookup (see _hardswish): versions from TFLite's op_version.cc rules (CAST with an
+    # int8 side: 3, GATHER of int8 params: 2), not from a conversion
+    "CAST": 3, "GATHER": 2,
 }
+INT32_VERSIONS = {"ADD": 1}  # the table index's int32 ADD (op_version.cc: ADD is 2 for int8 only)
 FP32_VERSION = 1
 FUSED = {"none": tfl.ActivationFunctionType.NONE, "relu": tfl.ActivationFunctionType.RELU,
          "relu6": tfl.ActivationFunctionType.RELU6,
@@ -352,7 +358,31 @@ def _pool(c: _Ctx, op: Op, code: str) -> None:
 
 
 def _hardswish(c: _Ctx, op: Op) -> None:
-    c.g.op("HARD_SWISH", [c.activation(op.inputs[0])], [c.activation(op.outputs[0])], None, c.version("HARD_SWISH"))
+    """int8: the integer reference's 256-entry table, looked up with integer-only builtins:
+    CAST(int8 → int32) → ADD(+128, int32) → GATHER(params = the int8 table carrying the output's quantization).
+
+    Not HARD_SWISH: TFLite's int8 kernel (int16 fixed point) differs by up to a code per op from what ExecuTorch's
+    XNNPACK delegate computes (fp32 hardswish between dequantize and quantize), and a table is the one function
+    both can evaluate identically. The three ops run on LiteRT's builtin kernels (the XNNPACK delegate takes none
+    of them). fp32 twin: HARD_SWISH."""
+    x, y = op.inputs[0], op.outputs[0]
+    if c.fp32:
+        c.g.op("HARD_SWISH", [c.activation(x)], [c.activation(y)], None, c.version("HARD_SWISH"))
+        return
+    t_in, t_out = c.qm.tensors[x], c.qm.tensors[y]
+    table = hardswish_table((float(t_in.scale[0]), int(t_in.zero_point[0])),
+                            (float(t_out.scale[0]), int(t_out.zero_point[0])))
+    shape = list(t_in.shape)
+    codes, index = f"{y}/codes", f"{y}/index"
+    c.g.tensor(codes, shape, "int32")
+    c.g.tensor(index, shape, "int32")
+    c.g.tensor(f"{y}/table", [256], "int8", data=np.array(table, np.int8), scale=t_out.scale,
+               zero_point=t_out.zero_point)
+    c.g.op("CAST", [c.activation(x)], [codes], tfl.CastOptionsT(inDataType=tfl.TensorType.INT8,
+                                                                 outDataType=tfl.TensorType.INT32), c.version("CAST"))
+    c.g.op("ADD", [codes, c.int32_const(f"{y}/offset", [128])], [index], tfl.AddOptionsT(), INT32_VERSIONS["ADD"])
+    c.g.op("GATHER", [f"{y}/table", index], [c.activation(y)], tfl.GatherOptionsT(axis=0, batchDims=0),
+           c.version("GATHER"))
 
 
 def _pad(c: _Ctx, op: Op) -> None:

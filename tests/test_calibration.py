@@ -231,6 +231,25 @@ def test_sim_vs_reference_end_to_end(spec, calib_images, test_images):
     assert (f != r[:40]).any(), "float-rounding sim equals the reference: the comparison would miss errors"
 
 
+@pytest.mark.parametrize("qi, qo", [((0.0655, -12), (0.00725, -94)), ((0.05, 0), (0.02, -100))])
+def test_hardswish_is_one_table_in_every_rounding(qi, qo):
+    """hardswish on all 256 codes: the integer reference and the sim in every rounding mode compute the same
+    table, ExecuTorch's fp32 hardswish per code (calibration.sim.et_hardswish_table), not TFLite's HARD_SWISH."""
+    from calibration.qmodel import Op, QuantizedModel, Tensor
+    from calibration.sim import ROUNDINGS, et_hardswish_table
+
+    t = {n: Tensor(n, [1, 16, 16, 1], "int8", np.array([s], np.float32), np.array([zp]))
+         for n, (s, zp) in (("x", qi), ("y", qo))}
+    qm = QuantizedModel([Op("hardswish", ["x"], ["y"])], t, "x", "y")
+    x = np.arange(-128, 128, dtype=np.int8).reshape(1, 16, 16, 1)
+    want = reference.hardswish(x, qi, qo)
+    assert np.array_equal(want.ravel(), et_hardswish_table(qi, qo))
+    assert not np.array_equal(want, reference.tflite_hardswish(x, qi, qo))
+    for rounding in ROUNDINGS:
+        got = Simulator(qm, rounding=rounding).forward(torch.from_numpy(x)).numpy()
+        assert np.array_equal(got.reshape(want.shape), want), rounding
+
+
 def test_weight_override_is_the_same_sim(qm_tiny, test_images):
     """The evolutionary search's entry point: swapping in integer codes equals re-running with them stored."""
     images = test_images[0][:16]

@@ -4,6 +4,8 @@
 * int8 input and output, no float tensor, no QUANTIZE/DEQUANTIZE inside;
 * LiteRT's reference kernels (BUILTIN_REF) equal calibration's integer reference on every tensor (0 codes);
 * the default XNNPACK delegate, run op by op on the reference's inputs, stays within 1 step of it;
+* int8 hardswish is the integer reference's table (CAST → ADD → GATHER): every runner computes it exactly on all
+  256 codes;
 * the command writes atomically, and bad input exits 2 with nothing written.
 """
 
@@ -173,11 +175,16 @@ def test_parameters_bit_exact(name: str) -> None:
     # integer only: int8 I/O, no float tensor, no (de)quantize
     assert it.get_input_details()[0]["dtype"] == np.int8 and it.get_output_details()[0]["dtype"] == np.int8
     assert all(d["dtype"] in (np.int8, np.int32) for d in details.values())
-    used = {OP_NAMES[model.operatorCodes[op.opcodeIndex].builtinCode] for op in model.subgraphs[0].operators}
-    assert not used & {"QUANTIZE", "DEQUANTIZE", "TRANSPOSE", "CAST"}
-    for oc in model.operatorCodes:  # both opcode fields, the converter's versions
+    sg = model.subgraphs[0]
+    used = {OP_NAMES[model.operatorCodes[op.opcodeIndex].builtinCode] for op in sg.operators}
+    assert not used & {"QUANTIZE", "DEQUANTIZE", "TRANSPOSE", "HARD_SWISH"}
+    for op in sg.operators:  # both opcode fields, the converter's versions; int32 only in hardswish's index
+        oc = model.operatorCodes[op.opcodeIndex]
+        n = OP_NAMES[oc.builtinCode]
         assert oc.deprecatedBuiltinCode == min(oc.builtinCode, 127)
-        assert oc.version == T.INT8_VERSIONS[OP_NAMES[oc.builtinCode]]
+        int32 = sg.tensors[op.outputs[0]].type == T.tfl.TensorType.INT32
+        assert oc.version == (T.INT32_VERSIONS if int32 and n == "ADD" else T.INT8_VERSIONS)[n], n
+        assert not int32 or n in ("CAST", "ADD"), n
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,6 +221,33 @@ def test_xnnpack_within_one_step_per_op(name: str) -> None:
         d = np.abs(got.astype(np.int32) - env[op.outputs[0]].reshape(got.shape))
         worst[f"{op.kind} {op.outputs[0]}"] = int(d.max())
     assert max(worst.values()) <= 1, {k: v for k, v in worst.items() if v > 1}
+
+
+@pytest.mark.parametrize("qi, qo", [((0.0655, -12), (0.00725, -94)), ((0.05, 0), (0.02, -100)),
+                                     ((0.11, 30), (0.06, -128))])
+def test_hardswish_table_on_every_code(qi: tuple[float, int], qo: tuple[float, int]) -> None:
+    """int8 hardswish alone on all 256 input codes: LiteRT's reference kernels, its optimized kernels and the
+    default XNNPACK path compute the integer reference's table exactly, with integer-only ops (no float tensor)."""
+    t = {n: Tensor(n, [1, 16, 16, 1], "int8", np.array([s], np.float32), np.array([zp]))
+         for n, (s, zp) in (("x", qi), ("y", qo))}
+    qm = QuantizedModel([Op("hardswish", ["x"], ["y"])], t, "x", "y")
+    x = np.arange(-128, 128, dtype=np.int8).reshape(1, 16, 16, 1)
+    want = reference.hardswish(x, qi, qo)
+    assert np.array_equal(want.ravel(), reference.hardswish_table(qi, qo))
+    data = T.build_tflite(qm)
+    assert T.op_histogram(data) == {"CAST": 1, "ADD": 1, "GATHER": 1}
+    for kernels in T.KERNELS:
+        got = T.LiteRTRunner(data, kernels).run_named({"x": x})
+        assert got.dtype == np.int8 and np.array_equal(got.reshape(want.shape), want), kernels
+    details = T.LiteRTRunner(data, "ref").interp.get_tensor_details()
+    assert {np.dtype(d["dtype"]).name for d in details} == {"int8", "int32"}
+
+
+def test_hardswish_table_is_not_tflites_hard_swish() -> None:
+    """Why the writer does not use HARD_SWISH: TFLite's int16 fixed-point kernel differs from the table."""
+    q = np.arange(-128, 128).astype(np.int8)
+    diff = reference.hardswish(q, (0.05, 0), (0.02, -100)) != reference.tflite_hardswish(q, (0.05, 0), (0.02, -100))
+    assert int(diff.sum()) > 0
 
 
 def test_xnnpack_end_to_end_hand_model() -> None:
