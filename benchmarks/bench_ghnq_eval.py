@@ -1,0 +1,80 @@
+"""Summarize `ghnq.evaluate` sweeps: mean / median / spread of top-1 per bit width and per parameter source.
+
+    .venv/bin/python benchmarks/bench_ghnq_eval.py GHN-Q=runs/eval/ghnq.jsonl random=runs/eval/random.jsonl \
+        -o benchmarks/ghnq_eval.png
+
+Each argument is LABEL=FILE, FILE holding `ghnq.evaluate --out` JSON lines ({"spec": .., "top1": {bits: ..}}).
+Only specs present in every file are compared (so a shorter sweep does not bias a mean); the table says how
+many. Prints a markdown table and writes a box plot (one box per source and bit width).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+BIT_LABELS = {"float": "float", "8": "W8A8", "4": "W4A8", "4a4": "W4A4"}
+
+
+def read(path: Path) -> dict[str, dict[str, float]]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            out[rec["spec"]] = rec["top1"]
+    return out
+
+
+def quantile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", metavar="LABEL=FILE")
+    ap.add_argument("-o", "--png", default=None)
+    ap.add_argument("--specs", choices=("common", "all"), default="common",
+                    help="compare on the specs every file has (default) or each file's own")
+    args = ap.parse_args()
+    runs = {}
+    for item in args.runs:
+        label, _, file = item.partition("=")
+        if not file:
+            raise SystemExit(f"{item}: expected LABEL=FILE")
+        runs[label] = read(Path(file))
+    common = set.intersection(*(set(r) for r in runs.values()))
+    rows, boxes = [], []
+    for label, res in runs.items():
+        specs = sorted(common) if args.specs == "common" else sorted(res)
+        bits = [b for b in BIT_LABELS if all(b in res[s] for s in specs)]
+        for b in bits:
+            vals = [100 * res[s][b] for s in specs]
+            rows.append(f"| {label} | {BIT_LABELS[b]} | {len(vals)} | {statistics.mean(vals):.1f} | "
+                        f"{statistics.median(vals):.1f} | {quantile(vals, 0.1):.1f} | {quantile(vals, 0.9):.1f} | "
+                        f"{min(vals):.1f} | {max(vals):.1f} |")
+            boxes.append((f"{label}\n{BIT_LABELS[b]}", vals))
+    print("| parameters | bits | specs | mean | median | p10 | p90 | min | max |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    if args.png:
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(boxes)), 4))
+        ax.boxplot([v for _, v in boxes], showmeans=True)
+        ax.set_xticks(range(1, len(boxes) + 1), [k for k, _ in boxes], fontsize=8)
+        ax.axhline(10, color="grey", lw=0.8, ls=":")
+        ax.set_ylabel("CIFAR-10 top-1 (%)")
+        ax.set_title("Held-out specs: top-1 per parameter source and bit width")
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=110)
+        print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()
