@@ -156,11 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     bits = parse_bits(args.bits)
     specs = [load_spec(p) for p in args.arch] + heldout_specs(args.heldout)
-    try:
-        shard, shards = (int(v) for v in args.shard.split("/"))
-        assert 0 <= shard < shards
-    except (ValueError, AssertionError):
-        raise UserError(f"--shard: got {args.shard!r}; expected K/N with 0 <= K < N, e.g. 1/2") from None
+    k, _, n = args.shard.partition("/")
+    if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise UserError(f"--shard: got {args.shard!r}; expected K/N with 0 <= K < N, e.g. 1/2")
+    shard, shards = int(k), int(n)
     specs = specs[shard::shards]
     lines: list[str] = []
     if args.resume and args.out and Path(args.out).is_file():

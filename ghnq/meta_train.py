@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     last_ckpt = time.time()
     ghn.train()
+    drawn: list = []  # the last meta-batch (for the DDP sync record; empty when no step runs)
     while step < args.steps:
         t0 = time.time()
         rng = random.Random(f"{args.seed}-{step}-{rank}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -28,8 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", default="train,test", help="comma list of splits to pack")
     ap.add_argument("-o", "--out", required=True, help="output .npz file")
     args = ap.parse_args(argv)
-    from pathlib import Path
-
     root = Path(args.root) if args.root else default_data_root()
     arrays: dict[str, np.ndarray] = {"format": np.array(PACK_FORMAT)}
     for split in args.splits.split(","):
