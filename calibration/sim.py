@@ -36,11 +36,14 @@ Integer weights swapped in (the low-bit evolutionary search): `Simulator(qm, dev
 on the device; `Simulator.forward(x_codes, weights={weight_key: int8 codes})` replaces the named weights'
 codes (same shape; the QM's per-channel scales and biases are kept) for that call only and returns the
 int8 logit codes as a torch tensor on the device, batched over images. `qm.weight_keys()` lists the keys.
+Conv / depthwise / fc accumulators are computed in float32 (exact_integer_conv2d: exact while partial sums stay
+below 2^24, split or float64 otherwise), 1.6x faster on this CPU than float64 convolution.
 On CUDA, `dtype=torch.float32` is faster and still exact while every accumulator stays below 2^24.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -195,15 +198,15 @@ class Simulator:
             x, w, b = args
             xo = x - ins[0][1]
             if k == "fully_connected":
-                acc = F.linear(xo, w, b)
+                acc = exact_integer_linear(xo, w, b)
                 if self.rounding == "xnnpack":
                     y = self._requantize(acc, p, per_channel=True)
                 else:
                     y = round_half_away(acc * p["eff"])  # LiteRT's per-channel FC reference rounds this in double
             else:
                 groups = x.shape[1] if k == "depthwise_conv2d" else 1
-                acc = F.conv2d(_pad(xo, a["padding"]), w, b, stride=a["stride"], dilation=a["dilation"],
-                               groups=groups)
+                acc = exact_integer_conv2d(_pad(xo, a["padding"]), w, b, stride=a["stride"], dilation=a["dilation"],
+                                           groups=groups)
                 y = self._requantize(acc, p, per_channel=True)
         elif k == "mul":
             acc = (args[0] - ins[0][1]) * (args[1] - ins[1][1])
@@ -284,6 +287,58 @@ def simulate(qm: QuantizedModel, images: np.ndarray, weights: dict[str, torch.Te
              ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
     """Fake-quant run of `qm` on uint8 NHWC images: int8 logit codes (and every tensor's codes if capture)."""
     return Simulator(qm, device, rounding=rounding).run(images, weights, capture, batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exact integer accumulators at float32 speed. Why by hand: torch has no integer convolution on CPU or CUDA,
+# and float64 convolution has no fast kernel (on this CPU ~50x slower than float32 through oneDNN). Integer
+# products summed in float32 are exact, in any summation order, while every partial sum stays below 2^24 in
+# magnitude: bounded by max_c Σ|q_w[c]| · max|q_x - zp_x|. Above that bound the input is split into 16·hi + lo
+# (lo in [0, 15], hi in [-16, 15]) and each half accumulated in float32, combined in float64; above even that
+# (fan-in beyond ~8,000 at 8 bits) float64 is used. TF32 is switched off on CUDA: it would round the products.
+
+F32_EXACT = 2.0 ** 24
+
+
+def _exact_integer_op(run, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """run(x, w) with integer-valued x and w, computed exactly; + b (exact in float64); in x's dtype."""
+    w_l1 = float(w.abs().flatten(1).sum(1).max()) if w.numel() else 0.0
+    x_max = float(x.abs().max()) if x.numel() else 0.0
+    with _no_tf32(x.device):
+        if w_l1 * x_max < F32_EXACT:
+            acc = run(x.float(), w.float()).double()
+        elif w_l1 * 16 < F32_EXACT:
+            hi = torch.floor(x / 16)
+            acc = run(hi.float(), w.float()).double() * 16 + run((x - 16 * hi).float(), w.float()).double()
+        else:
+            acc = run(x.double(), w.double())
+    if b is not None:
+        acc = acc + b.double().view(1, -1, *([1] * (acc.dim() - 2)))
+    return acc.to(x.dtype)
+
+
+@contextlib.contextmanager
+def _no_tf32(device: torch.device):
+    if device.type != "cuda":
+        yield
+        return
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+def exact_integer_conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, **conv_args) -> torch.Tensor:
+    """F.conv2d on integer-valued tensors with the exact integer result (see above)."""
+    return _exact_integer_op(lambda xx, ww: F.conv2d(xx, ww, None, **conv_args), x, w, b)
+
+
+def exact_integer_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """F.linear on integer-valued tensors with the exact integer result (see above)."""
+    return _exact_integer_op(F.linear, x, w, b)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -231,6 +231,36 @@ def test_sim_vs_reference_end_to_end(spec, calib_images, test_images):
     assert (f != r[:40]).any(), "float-rounding sim equals the reference: the comparison would miss errors"
 
 
+@pytest.mark.parametrize("cin, groups, wmax", [(64, 1, 127), (576, 1, 127), (96, 96, 127), (1024, 1, 127),
+                                                (4096, 1, 127), (1024, 1, 7)])
+def test_exact_integer_accumulators(cin, groups, wmax):
+    """The sim's float32 conv/fc accumulators (one pass, the 16·hi + lo split, or the float64 fallback) equal
+    the integer sums computed in int64 at their extremes: codes at ±255 / ±wmax and int32-scale biases. The
+    parameters reach each path: cin 96 dw one float32 pass, 64/576 the split, 1024/4096 the float64 fallback,
+    1024 at 4 bits one pass at 98 % of 2^24."""
+    from calibration.sim import exact_integer_conv2d, exact_integer_linear
+
+    g = torch.Generator().manual_seed(cin + groups + wmax)
+    x = torch.randint(-255, 256, (2, cin, 5, 5), generator=g)
+    x[0] = 255  # worst case: every partial sum at its bound
+    w = torch.randint(-wmax, wmax + 1, (8 if groups == 1 else cin, cin // groups, 3, 3), generator=g)
+    w[0] = wmax
+    b = torch.randint(-2 ** 31, 2 ** 31 - 1, (w.shape[0],), generator=g)
+    # int64 ground truth: im2col products summed in int64
+    cols = torch.nn.functional.unfold(x.double(), 3, padding=1).long()  # [N, C·9, L], exact small ints
+    if groups == 1:
+        want = torch.einsum("ok,nkl->nol", w.flatten(1), cols) + b.view(1, -1, 1)
+    else:
+        want = (w.flatten(1).unsqueeze(0).unsqueeze(-1) * cols.view(2, cin, 9, -1)).sum(2) + b.view(1, -1, 1)
+    got = exact_integer_conv2d(x.double(), w.double(), b.double(), stride=1, padding=1, dilation=1, groups=groups)
+    assert torch.equal(got.flatten(2).long(), want)
+    xf = x.flatten(1)  # fully connected over all 25·cin codes
+    wf = torch.randint(-wmax, wmax + 1, (10, xf.shape[1]), generator=g)
+    wf[0] = wmax
+    fc = exact_integer_linear(xf.double(), wf.double(), b[:1].expand(10).double())
+    assert torch.equal(fc.long(), xf @ wf.T + b[:1])
+
+
 @pytest.mark.parametrize("qi, qo", [((0.0655, -12), (0.00725, -94)), ((0.05, 0), (0.02, -100))])
 def test_hardswish_is_one_table_in_every_rounding(qi, qo):
     """hardswish on all 256 codes: the integer reference and the sim in every rounding mode compute the same
