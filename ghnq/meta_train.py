@@ -3,13 +3,16 @@
     python -m ghnq.meta_train --out runs/ghnq-main                      # CPU, runs until stopped
     python -m ghnq.meta_train --out runs/ghnq-main --resume             # after any stop, kill -9 included
     python -m ghnq.meta_train --out runs/ghnq-noq --no-quant            # ablation: no quantization in the loop
+    python -m ghnq.meta_train --out runs/ghnq-ft4 --init runs/ghnq-main/checkpoint.pt --bits 4,4,4a4,8 --steps 700
+                                                                        # 4-bit-heavy fine-tuning of a run
     python -m ghnq.meta_train --out runs/x --device cuda --max-minutes 9 --resume     # GPU chunks
     torchrun --nproc_per_node 2 -m ghnq.meta_train --out runs/ddp       # DDP (gloo on CPU, nccl on CUDA)
 
 Each step: draw `--meta-batch` specs from the sampler (never one of the held-out specs: checked by
 spec_hash), a bit width per net from --bits, one augmented CIFAR-10 training batch shared by all nets;
 the GHN predicts every net's parameters, each net runs functionally (ghnq/fakequant.py: BN folded,
-per-channel symmetric weight fake-quant with STE, 8-bit activations where the integer graph has them),
+per-channel symmetric weight fake-quant with STE, 8-bit activations where the integer graph has them;
+"4a4" in --bits: 4-bit weights and 4-bit activations),
 and the mean cross-entropy backpropagates into the GHN (Adam, gradient norm clipped at 5).
 
 Everything a step draws is a pure function of (seed, step, rank), and the checkpoint (written atomically
@@ -27,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -124,15 +128,35 @@ class SpecPool:
         return [self._get(*k) for k in rng.sample(keys, min(n, len(keys)))]
 
 
+def parse_train_bits(text: str) -> list[str]:
+    """--bits: weight bit widths ("float", "8", "4", "2"), or "WaA" for A-bit activations (A in 8, 4)."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        w, a = split_bits(item)
+        if a not in (8, 4):
+            raise UserError(f"--bits {item!r}: activation bits after 'a' must be 8 or 4")
+        if a != 8 and bits_key(w) == "float":
+            raise UserError(f"--bits {item!r}: quantized activations need quantized weights")
+        out.append(bits_key(w) + (f"a{a}" if a != 8 else ""))
+    return out
+
+
+def split_bits(choice: str) -> tuple[str, int]:
+    """A --bits choice ("8", "4a4", "float") → (the GHN's conditioning key, activation bits in the loop)."""
+    m = re.fullmatch(r"(\w+?)a(\d+)", choice)
+    return (m.group(1), int(m.group(2))) if m else (choice, 8)
+
+
 def step_loss(ghn: nn.Module, nets: list[tuple[FakeQuantNet, object]], bits: list[str], x01: torch.Tensor,
               y: torch.Tensor, quant: bool, hops: int) -> tuple[torch.Tensor, float]:
     """Mean cross-entropy over the meta-batch, and mean train-batch accuracy."""
     batch = collate([g for _, g in nets], hops).to(x01.device)
-    params = ghn(batch, bits)
+    params = ghn(batch, [split_bits(b)[0] for b in bits])  # the GHN is conditioned on the weight bits only
     losses, correct = [], 0.0
     for (net, _), p, b in zip(nets, params, bits, strict=True):
-        wb = bits_int(b) if quant else None
-        logits = net(x01, p, wbits=wb, abits=8 if wb else None)
+        wkey, abits = split_bits(b)
+        wb = bits_int(wkey) if quant else None
+        logits = net(x01, p, wbits=wb, abits=abits if wb else None)
         losses.append(F.cross_entropy(logits, y))
         correct += (logits.argmax(1) == y).float().mean().item()
     return torch.stack(losses).mean(), correct / len(nets)
@@ -142,16 +166,17 @@ def evaluate_heldout(ghn: GHNQ, n_nets: int, calib: torch.Tensor, test: torch.Te
                      quant: bool, hops: int) -> dict:
     """Mean held-out top-1 per bit width (small, in-loop; ghnq.evaluate does the full sweep)."""
     ghn.eval()
-    res: dict[str, list[float]] = {"float": [], "8": [], "4": []}
+    res: dict[str, list[float]] = {"float": [], "8": [], "4": [], "4a4": []}
     with torch.no_grad():
         for spec in heldout_specs(n_nets):
             model = build_model(spec)
             net, graph = FakeQuantNet(model), extract_graph(model)
             batch = collate([graph], hops).to(calib.device)
             for key in res:
-                params = ghn(batch, [key if quant else "float"])[0]
-                wb = bits_int(key)
-                res[key].append(top1_predicted(net, params, wb, 8 if wb else None, calib, test, labels))
+                wkey, abits = split_bits(key)
+                params = ghn(batch, [wkey if quant else "float"])[0]
+                wb = bits_int(wkey)
+                res[key].append(top1_predicted(net, params, wb, abits if wb else None, calib, test, labels))
     ghn.train()
     return {k: float(np.mean(v)) for k, v in res.items()}
 
@@ -177,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ghnq.meta_train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, snapshots/")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
+    ap.add_argument("--init", default=None, metavar="CKPT", help="start a new run from another run's training "
+                    "checkpoint (GHN, optimizer, step count): fine-tuning, e.g. 4-bit-heavy --bits")
     ap.add_argument("--steps", type=int, default=1_000_000, help="stop after this many steps in total")
     ap.add_argument("--max-minutes", type=float, default=0, help="stop (after a checkpoint) after this long")
     ap.add_argument("--meta-batch", type=int, default=8, help="nets per step (per rank)")
@@ -201,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    bits_choices = [bits_key(b) for b in args.bits.split(",")]
+    bits_choices = parse_train_bits(args.bits)
     if args.no_quant:
         bits_choices = ["float"]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -229,18 +256,23 @@ def main(argv: list[str] | None = None) -> int:
     ghn = GHNQ(GHNConfig(hidden=args.hidden)).to(device)
     opt = torch.optim.Adam(ghn.parameters(), lr=args.lr)
     step, elapsed = 0, 0.0
-    if args.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+    resuming = args.resume and ckpt_path.exists()
+    if rank == 0 and ckpt_path.exists() and not args.resume:
+        raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+    if resuming or args.init:
+        src = ckpt_path if resuming else Path(args.init)
+        if not src.is_file():
+            raise UserError(f"--init {src}: no such training checkpoint")
+        ck = torch.load(src, map_location=device, weights_only=False)
         if ck.get("format") != CKPT_FORMAT:
-            raise UserError(f"{ckpt_path}: not a meta-training checkpoint")
+            raise UserError(f"{src}: not a meta-training checkpoint (a run's OUT/checkpoint.pt)")
         if GHNConfig(**ck["config"]) != ghn.config:
-            raise UserError(f"{ckpt_path}: GHN config {ck['config']} differs from this run's {ghn.config.to_dict()}")
+            raise UserError(f"{src}: GHN config {ck['config']} differs from this run's {ghn.config.to_dict()}")
         ghn.load_state_dict(ck["ghn"])
         opt.load_state_dict(ck["optimizer"])
         step, elapsed = ck["step"], ck["elapsed"]
-        torch.set_rng_state(ck["rng_torch"])
-    elif rank == 0 and ckpt_path.exists():
-        raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+        if resuming:
+            torch.set_rng_state(ck["rng_torch"])
     model: nn.Module = ghn
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel

@@ -99,6 +99,31 @@ def test_kill9_resume_continues_exactly(tmp_path: Path) -> None:
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 4
 
 
+def test_init_fine_tunes_from_another_run_with_4a4(tmp_path: Path) -> None:
+    """--init starts a new run from a run's checkpoint (weights and step count), here 4-bit-heavy with 4-bit
+    activations; the source run is untouched; bad --bits / --init are refused by name."""
+    args = [sys.executable, "-m", "ghnq.meta_train", "--meta-batch", "2", "--batch", "8", "--max-macs", "2e6",
+            "--hidden", "16", "--threads", "1", "--checkpoint-every", "0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(args + ["--steps", "2", "--out", str(tmp_path / "base")], check=True, cwd=ROOT, env=env,
+                   capture_output=True)
+    base = torch.load(tmp_path / "base/checkpoint.pt", weights_only=False)
+    subprocess.run(args + ["--steps", "4", "--bits", "4a4,4", "--init", str(tmp_path / "base/checkpoint.pt"),
+                          "--out", str(tmp_path / "ft")], check=True, cwd=ROOT, env=env, capture_output=True)
+    recs = [r for r in _log(tmp_path / "ft/log.jsonl") if "loss" in r]
+    assert [r["step"] for r in recs] == [3, 4]  # continues the step count of the run it starts from
+    assert {b for r in recs for b in r["bits"]} <= {"4a4", "4"}
+    ft = torch.load(tmp_path / "ft/checkpoint.pt", weights_only=False)
+    assert ft["step"] == 4 and ft["args"]["init"].endswith("base/checkpoint.pt")
+    assert any(not torch.equal(ft["ghn"][k], base["ghn"][k]) for k in base["ghn"])
+    assert torch.load(tmp_path / "base/checkpoint.pt", weights_only=False)["step"] == 2
+    for bad, words in ((["--bits", "4a3"], "activation bits"), (["--bits", "floata4"], "quantized weights"),
+                       (["--init", str(tmp_path / "nope.pt")], "no such training checkpoint")):
+        r = subprocess.run(args + ["--steps", "3", "--out", str(tmp_path / "bad")] + bad, cwd=ROOT, env=env,
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (default_data_root() / "train").is_dir(), reason="CIFAR-10 not present")
 def test_ddp_two_ranks_stay_in_sync(tmp_path: Path) -> None:
