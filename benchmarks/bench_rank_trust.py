@@ -43,6 +43,7 @@ from ghnq.fileio import atomic_write, atomic_write_text, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED_BITS = (("float", None, None), ("8", 8, 8), ("4", 4, 8), ("4a4", 4, 4))
+ALL_TRAINED_BITS = "float,8,4,4a4"
 
 # ----------------------------------------------------------------------------------------------------
 # Rank correlation: scipy when installed (it is not in the pinned stack), else the numpy versions below
@@ -198,6 +199,8 @@ def train_phase(specs: list[dict], out: Path, settings: dict, calib: np.ndarray,
         model = load_weights(model, weights).eval()
         top1 = {"float": round(float_top1(model, test, labels), 4)}
         for label, wb, ab in TRAINED_BITS[1:]:
+            if label not in settings.get("bits", ALL_TRAINED_BITS).split(","):
+                continue
             top1[label] = round(quantized_top1(model, calib, test, labels, wb, ab), 4)
         rows[h] = {"name": spec_name(spec), "hash": h, "macs": int(info["macs"]), "params": int(info["params"]),
                    "top1": top1, "train_seconds": round(train_s, 1),
@@ -314,11 +317,12 @@ def report(specs: list[dict], trained: dict[str, dict], predicted: dict[str, dic
     for r in res["rows"]:
         t, p = r["top1"], r["predicted"] or {}
         lines.append(f"| {r['hash'][:12]} | {r['macs'] / 1e6:.1f} | {r['params'] / 1e3:.0f} | {_pct(t['float'])} | "
-                     f"{_pct(t['8'])} | {_pct(t['4'])} | {_pct(t.get('4a4'))} | {r['train_seconds']:.0f} | "
+                     f"{_pct(t['8'])} | {_pct(t.get('4'))} | {_pct(t.get('4a4'))} | {r['train_seconds']:.0f} | "
                      f"{_pct(p.get('float'))} | {_pct(p.get('8'))} | {_pct(p.get('4'))} |")
     if done:
         lines += ["", "| mean over trained specs | | | " + " | ".join(
-            _pct(float(np.mean([r["top1"][k] for r in done]))) for k in ("float", "8", "4", "4a4")) + " | | | | |"]
+            _pct(float(np.mean([r["top1"][k] for r in done])) if all(k in r["top1"] for r in done) else None)
+            for k in ("float", "8", "4", "4a4")) + " | | | | |"]
     lines.append("")
     for key in ("predicted_vs_trained_w8a8", "predicted_vs_trained_float", "macs_vs_trained_w8a8",
                 "params_vs_trained_w8a8", "trained_float_vs_w8a8"):
@@ -343,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--specs", type=int, default=20, help="the first N held-out specs (default 20)")
     p.add_argument("--epochs", type=int, default=1, help="SGD epochs per spec (default 1)")
     p.add_argument("--train-images", type=int, default=0, help="train on the first N images only (default all)")
+    p.add_argument("--trained-bits", default=ALL_TRAINED_BITS, help="phase (a) PTQ bit widths: float and 8 always, "
+                   "4 and 4a4 optional (each 4-bit sim of --images costs as much as the W8A8 one)")
     p.add_argument("--images", type=int, default=2000, help="test images (default 2000)")
     p.add_argument("--calib-images", type=int, default=512, help="calibration images (default 512)")
     p.add_argument("--out", default="runs/rank-trust", help="cache + report folder (default runs/rank-trust)")
@@ -371,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     settings = {"epochs": args.epochs, "train_images": args.train_images, "seed": args.seed, "images": args.images,
                 "calib_images": args.calib_images, "method": "minmax", "test_order": "interleaved_order[:images]"}
+    tbits = [b.strip() for b in args.trained_bits.split(",") if b.strip()]
+    allowed = ALL_TRAINED_BITS.split(",")
+    if not {"float", "8"} <= set(tbits) or not set(tbits) <= set(allowed):
+        raise UserError(f"--trained-bits {args.trained_bits!r}: must include float and 8; allowed: {allowed}")
+    if set(tbits) != set(allowed):  # only then part of the settings: caches written before the flag stay valid
+        settings["bits"] = ",".join(b for b in allowed if b in tbits)
     if args.train:
         trained = train_phase(specs, out, settings, calib, test, labels,
                               lambda s, f: sgd_train(s, f, settings, args.threads, args.data_root), log)

@@ -122,6 +122,10 @@ def test_resume_skips_finished_specs_and_retrains_on_new_settings(tmp_path: Path
     rows = train_phase(specs, tmp_path, {**SETTINGS, "epochs": 2}, calib, test, labels, other, quiet)
     assert other.calls == ["t8", "t12"] and all(r["settings"]["epochs"] == 2 for r in rows.values())
 
+    fewer = FakeTrainer()  # --trained-bits float,8: a new schedule, only the asked sims
+    rows = train_phase(specs, tmp_path, {**SETTINGS, "bits": "float,8"}, calib, test, labels, fewer, quiet)
+    assert fewer.calls == ["t8", "t12"] and all(set(r["top1"]) == {"float", "8"} for r in rows.values())
+
 
 def test_damaged_cache_is_refused_clearly(tmp_path: Path) -> None:
     (tmp_path / "trained.json").write_text("{not json")
