@@ -38,15 +38,32 @@ _PASS_FUNCS = {torch.flatten, torch.reshape, F.dropout, getattr, operator.getite
 _PASS_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "size", "dim"}
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Returns the fake-quantized value; the gradient passes to the float input unchanged (the STE).
+
+    Why by hand rather than `x + (xq - x).detach()`: that spelling costs two extra full-tensor passes forward
+    and one backward, and xq computed without autograd can be built in place; together 4.7x faster on an
+    activation-sized tensor on this CPU (torch's own fake_quantize_* kernels were slower here, 1.3x)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, xq: Tensor) -> Tensor:  # noqa: ARG004 (x only carries the gradient)
+        return xq
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
 def fq_weight(w: Tensor, bits: int | None) -> Tensor:
     """Per-output-channel symmetric fake-quant (levels ±(2^(b-1)-1)), straight-through gradient."""
     if not bits:
         return w
     qmax = 2 ** (bits - 1) - 1
-    amax = w.detach().abs().flatten(1).amax(1).clamp_min(1e-8)
+    wd = w.detach()
+    amax = wd.abs().flatten(1).amax(1).clamp_min(1e-8)
     scale = (amax / qmax).view(-1, *([1] * (w.dim() - 1)))
-    wq = torch.clamp(torch.round(w / scale), -qmax, qmax) * scale  # round half to even, like torch.round
-    return w + (wq - w).detach()
+    wq = torch.div(wd, scale).round_().clamp_(-qmax, qmax).mul_(scale)  # round half to even, like torch.round
+    return _StraightThrough.apply(w, wq)
 
 
 def fq_act(x: Tensor, bits: int | None, lo: float | Tensor | None = None, hi: float | Tensor | None = None
@@ -54,16 +71,16 @@ def fq_act(x: Tensor, bits: int | None, lo: float | Tensor | None = None, hi: fl
     """Per-tensor asymmetric fake-quant over [lo, hi] (which always contains 0), straight-through gradient."""
     if not bits:
         return x
+    xd = x.detach()
     if lo is None or hi is None:
-        lo, hi = x.detach().min(), x.detach().max()
+        lo, hi = torch.aminmax(xd)
     lo = torch.clamp(torch.as_tensor(lo, dtype=x.dtype), max=0.0)
     hi = torch.clamp(torch.as_tensor(hi, dtype=x.dtype), min=0.0)
     levels = 2 ** bits - 1
     scale = ((hi - lo) / levels).clamp_min(1e-8)
     zp = torch.round(-lo / scale)
-    q = torch.clamp(torch.round(x / scale) + zp, 0, levels)
-    xq = (q - zp) * scale
-    return x + (xq - x).detach()
+    xq = torch.div(xd, scale).round_().add_(zp).clamp_(0, levels).sub_(zp).mul_(scale)  # q = clamp(round + zp)
+    return _StraightThrough.apply(x, xq)
 
 
 def _is_fusable_act(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -176,8 +193,14 @@ class FakeQuantNet:
             env[n] = out
         raise RuntimeError("graph has no output node")
 
-    @staticmethod
-    def _bn(name: str, x: Tensor, eps: float, mode: str, stats: dict | None, collect: dict | None) -> Tensor:
+    # "native": training-mode BN (batch statistics, nothing collected) through F.batch_norm, one fused kernel
+    # forward and backward, 2.4x faster on this CPU than the spelled-out formulas below ("explicit"), which
+    # compute the same function (equal to ~1e-6, tested) and stay for collecting statistics and for comparison.
+    batch_norm_kernel = "native"
+
+    def _bn(self, name: str, x: Tensor, eps: float, mode: str, stats: dict | None, collect: dict | None) -> Tensor:
+        if mode == "batch" and collect is None and self.batch_norm_kernel == "native":
+            return F.batch_norm(x, None, None, training=True, eps=eps)
         dims = [0] + list(range(2, x.dim()))
         if mode == "stats":
             mean, var = stats[name]

@@ -75,3 +75,47 @@ def test_functional_run_matches_module() -> None:
     stats = finalize_stats(collect)
     y8 = net(x01, params, wbits=8, abits=8, bn="stats", stats=stats)
     assert torch.isfinite(y8).all() and not torch.equal(y8, y)
+
+
+def _textbook_act(x: torch.Tensor, bits: int) -> torch.Tensor:
+    lo, hi = x.detach().min().clamp(max=0), x.detach().max().clamp(min=0)
+    scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-8)
+    zp = torch.round(-lo / scale)
+    return (torch.clamp(torch.round(x / scale) + zp, 0, 2 ** bits - 1) - zp) * scale
+
+
+def test_in_place_fake_quant_equals_the_textbook_formula() -> None:
+    """The fast fq_act / fq_weight (in-place, custom straight-through Function) compute exactly the textbook
+    fake-quant values, and the gradient reaching the float input is the upstream gradient unchanged."""
+    torch.manual_seed(3)
+    x = (torch.randn(4, 8, 6, 6) * 2 + 0.3).requires_grad_()
+    for bits in (8, 4):
+        assert torch.equal(fq_act(x, bits), _textbook_act(x, bits))
+        up = torch.randn_like(x)
+        (g,) = torch.autograd.grad(fq_act(x, bits), x, up)
+        assert torch.equal(g, up)
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    scale = w.detach().abs().flatten(1).amax(1).view(-1, 1, 1, 1) / 7
+    assert torch.equal(fq_weight(w, 4), torch.clamp(torch.round(w.detach() / scale), -7, 7) * scale)
+
+
+def test_native_and_explicit_batch_norm_agree() -> None:
+    """Training-mode BN through F.batch_norm (the fast default) and the spelled-out batch statistics give the
+    same logits and the same gradients on a full network (in float: with quantization in the loop, a 1e-7
+    difference can move a value across a rounding boundary, which is not what this test is about)."""
+    torch.manual_seed(4)
+    model = build_model(load_spec(ROOT / "specs/tiny-mbv2.yaml"))
+    net = FakeQuantNet(model)
+    x01 = torch.rand(16, 3, 32, 32)
+    out = {}
+    for kernel in ("native", "explicit"):
+        params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+        net.batch_norm_kernel = kernel
+        y = net(x01, params)
+        y.square().sum().backward()
+        out[kernel] = (y.detach(), {k: p.grad for k, p in params.items()})
+    (ya, ga), (yb, gb) = out["native"], out["explicit"]
+    assert torch.allclose(ya, yb, atol=1e-5, rtol=1e-4)
+    assert [k for k in ga if ga[k] is None] == [k for k in gb if gb[k] is None]  # BN affine: not used
+    for k in (k for k in ga if ga[k] is not None):
+        assert torch.allclose(ga[k], gb[k], atol=1e-4 * float(gb[k].abs().max()) + 1e-7), k
