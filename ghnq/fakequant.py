@@ -54,6 +54,14 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+def _flat_view(t: Tensor) -> Tensor:
+    """All elements as a 1-D view without a copy when the memory is dense (NCHW or NHWC): a whole-tensor
+    reduction over a channels-last tensor otherwise copies it first (11x slower here)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return t.reshape(-1)
+
+
 def fq_weight(w: Tensor, bits: int | None) -> Tensor:
     """Per-output-channel symmetric fake-quant (levels ±(2^(b-1)-1)), straight-through gradient."""
     if not bits:
@@ -73,7 +81,7 @@ def fq_act(x: Tensor, bits: int | None, lo: float | Tensor | None = None, hi: fl
         return x
     xd = x.detach()
     if lo is None or hi is None:
-        lo, hi = torch.aminmax(xd)
+        lo, hi = torch.aminmax(_flat_view(xd))
     lo = torch.clamp(torch.as_tensor(lo, dtype=x.dtype), max=0.0)
     hi = torch.clamp(torch.as_tensor(hi, dtype=x.dtype), min=0.0)
     levels = 2 ** bits - 1

@@ -94,6 +94,8 @@ def test_in_place_fake_quant_equals_the_textbook_formula() -> None:
         up = torch.randn_like(x)
         (g,) = torch.autograd.grad(fq_act(x, bits), x, up)
         assert torch.equal(g, up)
+    xc = x.detach().contiguous(memory_format=torch.channels_last)  # the loop's NHWC layout: same values
+    assert torch.equal(fq_act(xc, 8), fq_act(x.detach(), 8))
     w = torch.randn(8, 4, 3, 3, requires_grad=True)
     scale = w.detach().abs().flatten(1).amax(1).view(-1, 1, 1, 1) / 7
     assert torch.equal(fq_weight(w, 4), torch.clamp(torch.round(w.detach() / scale), -7, 7) * scale)
