@@ -10,7 +10,8 @@ figures on the same test images:
   sim          calibration.calibrate + calibration.simulate (rounding="xnnpack"): the QuantizedModel
   .tflite      export.tflite's artifact of that QuantizedModel, run by the LiteRT interpreter with its
                default XNNPACK delegate (what a device runs), one image at a time
-and the logit codes of sim vs .tflite (they must be equal: the sim has the delegate's arithmetic).
+and the logit codes of sim vs .tflite (they must be equal: the sim has the delegate's arithmetic), and how
+often the train-loop's class equals the .tflite's image by image.
 The goal (issue 6): train-loop top-1 within 0.2 pt of the .tflite's. Prints a markdown table; --json
 writes every number atomically.
 """
@@ -34,7 +35,7 @@ from calibration.sim import Simulator  # noqa: E402
 from export.tflite import LiteRTRunner, build_tflite  # noqa: E402
 from ghnq.cli import UserError, run_cli  # noqa: E402
 from ghnq.data import load_eval_images  # noqa: E402
-from ghnq.evaluate import calibration_uint8, heldout_specs, load_predicted, to_x01, top1_predicted  # noqa: E402
+from ghnq.evaluate import calibration_uint8, classes_predicted, heldout_specs, load_predicted, to_x01  # noqa: E402
 from ghnq.fakequant import FakeQuantNet  # noqa: E402
 from ghnq.fileio import atomic_write_text  # noqa: E402
 from ghnq.predict import load_checkpoint, predict_params  # noqa: E402
@@ -46,9 +47,8 @@ GOAL_PT = 0.2
 def measure(spec: dict, ghn, wbits: int, calib_u8: np.ndarray, test_u8: np.ndarray, labels: np.ndarray) -> dict:
     model = build_model(spec)
     params = predict_params(ghn, model, bits=str(wbits))
-    y = torch.as_tensor(labels)
     t0 = time.perf_counter()
-    loop = top1_predicted(FakeQuantNet(model), params, wbits, 8, to_x01(calib_u8), to_x01(test_u8), y)
+    loop = classes_predicted(FakeQuantNet(model), params, wbits, 8, to_x01(calib_u8), to_x01(test_u8)).numpy()
     t1 = time.perf_counter()
     load_predicted(model, params)
     qm = calibrate(model, calib_u8, weight_bits=wbits, act_bits=8, bn_recalibrate=True, progress=False)
@@ -56,12 +56,13 @@ def measure(spec: dict, ghn, wbits: int, calib_u8: np.ndarray, test_u8: np.ndarr
     t2 = time.perf_counter()
     tfl_codes = LiteRTRunner(build_tflite(qm), kernels="xnnpack")(input_codes(test_u8))
     t3 = time.perf_counter()
-    top = {"train_loop": float(loop), "sim": float((sim_codes.argmax(1) == labels).mean()),
+    top = {"train_loop": float((loop == labels).mean()), "sim": float((sim_codes.argmax(1) == labels).mean()),
            "tflite": float((tfl_codes.argmax(1) == labels).mean())}
     diff = np.abs(sim_codes.astype(np.int16) - tfl_codes.astype(np.int16))
     return {"spec": spec.get("name", "?"), "wbits": wbits, "top1": top,
             "train_loop_minus_tflite_pt": round(100 * (top["train_loop"] - top["tflite"]), 2),
             "sim_minus_tflite_pt": round(100 * (top["sim"] - top["tflite"]), 2),
+            "train_loop_vs_tflite_same_class": float((loop == tfl_codes.argmax(1)).mean()),
             "sim_vs_tflite_codes_differ": int((diff > 0).sum()), "sim_vs_tflite_max_step": int(diff.max()),
             "codes": int(diff.size), "seconds": {"train_loop": round(t1 - t0, 1), "calibrate_sim": round(t2 - t1, 1),
                                                  "tflite": round(t3 - t2, 1)}}
@@ -69,11 +70,13 @@ def measure(spec: dict, ghn, wbits: int, calib_u8: np.ndarray, test_u8: np.ndarr
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| spec | weights | train-loop top-1 % | sim top-1 % | .tflite top-1 % | train-loop − .tflite (pt) | "
-             "sim vs .tflite codes differing |", "|---|---|---:|---:|---:|---:|---:|"]
+             "same class, train-loop vs .tflite | sim vs .tflite codes differing |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["top1"]
         lines.append(f"| {r['spec']} | W{r['wbits']}A8 | {100 * t['train_loop']:.2f} | {100 * t['sim']:.2f} | "
                      f"{100 * t['tflite']:.2f} | {r['train_loop_minus_tflite_pt']:+.2f} | "
+                     f"{r['train_loop_vs_tflite_same_class']:.1%} | "
                      f"{r['sim_vs_tflite_codes_differ']:,} / {r['codes']:,} |")
     gaps = [abs(r["train_loop_minus_tflite_pt"]) for r in rows]
     if gaps:

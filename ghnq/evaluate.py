@@ -60,9 +60,10 @@ def to_x01(images: np.ndarray) -> Tensor:
 
 
 @torch.no_grad()
-def top1_predicted(net: FakeQuantNet, params: dict[str, Tensor], wbits: int | None, abits: int | None,
-                   calib: Tensor, test: Tensor, labels: Tensor, batch: int = 250) -> float:
-    """BN re-estimation + static activation ranges on `calib`, then top-1 on `test` (all x01 tensors)."""
+def classes_predicted(net: FakeQuantNet, params: dict[str, Tensor], wbits: int | None, abits: int | None,
+                      calib: Tensor, test: Tensor, batch: int = 250) -> Tensor:
+    """BN re-estimation + static activation ranges on `calib`, then the argmax class of every `test` image
+    (all x01 tensors)."""
     collect: dict = {}
     observe: dict = {}
     for i in range(0, len(calib), batch):
@@ -71,11 +72,16 @@ def top1_predicted(net: FakeQuantNet, params: dict[str, Tensor], wbits: int | No
     if abits:  # ranges of the quantized net's own tensors, with the re-estimated BN
         for i in range(0, len(calib), batch):
             net(calib[i:i + batch], params, wbits=wbits, abits=abits, bn="stats", stats=stats, observe=observe)
-    correct = 0
-    for i in range(0, len(test), batch):
-        logits = net(test[i:i + batch], params, wbits=wbits, abits=abits, bn="stats", stats=stats, ranges=observe)
-        correct += int((logits.argmax(1) == labels[i:i + batch]).sum())
-    return correct / max(1, len(test))
+    preds = [net(test[i:i + batch], params, wbits=wbits, abits=abits, bn="stats", stats=stats,
+                 ranges=observe).argmax(1) for i in range(0, len(test), batch)]
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def top1_predicted(net: FakeQuantNet, params: dict[str, Tensor], wbits: int | None, abits: int | None,
+                   calib: Tensor, test: Tensor, labels: Tensor, batch: int = 250) -> float:
+    """Top-1 of `classes_predicted` (the training loop's quantization) on `test`."""
+    pred = classes_predicted(net, params, wbits, abits, calib, test, batch)
+    return int((pred == labels.to(pred.device)).sum()) / max(1, len(test))
 
 
 def calibration_uint8(n: int, root: str | None = None) -> np.ndarray:
