@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghnq.cli import UserError, run_cli
-from ghnq.data import load_cifar10, to_float
+from ghnq.data import interleaved_order, load_cifar10, to_float
 from ghnq.fileio import atomic_torch_save, atomic_write_text
 from ghnq.spec import build_model, load_spec, spec_name
 
@@ -41,6 +41,13 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     flip = torch.rand(n, generator=gen) < 0.5
     out[flip] = out[flip].flip(3)
     return out.permute(0, 2, 3, 1)
+
+
+def balanced_subset(images: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first n of the class-interleaved order. Why not images[:n]: the data folders are class-sorted, so a
+    plain prefix of 25,000 training images holds 5 of the 10 classes (and 2,000 test images, 2)."""
+    keep = interleaved_order(labels)[:n]
+    return images[keep], labels[keep]
 
 
 @torch.no_grad()
@@ -101,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                    "../shared/data/cifar10-jpeg)")
     p.add_argument("--out", default=None, help="run folder (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--train-images", type=int, default=None, help="use N training images (class-balanced)")
+    p.add_argument("--eval-images", type=int, default=None, help="evaluate on N test images (class-balanced)")
     p.add_argument("--checkpoint-every", type=float, default=120.0, help="seconds between checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -121,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     x_train, y_train = load_cifar10("train", args.data_root)
     x_test, y_test = load_cifar10("test", args.data_root)
     if args.train_images:
-        x_train, y_train = x_train[: args.train_images], y_train[: args.train_images]
+        x_train, y_train = balanced_subset(x_train, y_train, args.train_images)
     if args.eval_images:
-        x_test, y_test = x_test[: args.eval_images], y_test[: args.eval_images]
+        x_test, y_test = balanced_subset(x_test, y_test, args.eval_images)
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
 
