@@ -47,7 +47,7 @@ from ghnq.fakequant import FakeQuantNet
 from ghnq.fileio import atomic_torch_save, atomic_write_text
 from ghnq.graph import extract_graph
 from ghnq.model import GHNQ, GHNConfig, bits_int, bits_key, collate
-from ghnq.predict import save_checkpoint
+from ghnq.predict import SHIPPED_FORMAT, load_checkpoint, save_checkpoint
 from ghnq.sampler import SamplerConfig, sample_spec, spec_hash
 from ghnq.spec import build_model
 from ghnq.train import augment
@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, snapshots/")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
     ap.add_argument("--init", default=None, metavar="CKPT", help="start a new run from another run's training "
-                    "checkpoint (GHN, optimizer, step count): fine-tuning, e.g. 4-bit-heavy --bits")
+                    "checkpoint (GHN, optimizer, step count) or from a shipped GHN file (GHN, step count; fresh "
+                    "optimizer): fine-tuning, e.g. 4-bit-heavy --bits")
     ap.add_argument("--steps", type=int, default=1_000_000, help="stop after this many steps in total")
     ap.add_argument("--max-minutes", type=float, default=0, help="stop (after a checkpoint) after this long")
     ap.add_argument("--meta-batch", type=int, default=8, help="nets per step (per rank)")
@@ -264,15 +265,26 @@ def main(argv: list[str] | None = None) -> int:
         if not src.is_file():
             raise UserError(f"--init {src}: no such training checkpoint")
         ck = torch.load(src, map_location=device, weights_only=False)
-        if ck.get("format") != CKPT_FORMAT:
-            raise UserError(f"{src}: not a meta-training checkpoint (a run's OUT/checkpoint.pt)")
-        if GHNConfig(**ck["config"]) != ghn.config:
-            raise UserError(f"{src}: GHN config {ck['config']} differs from this run's {ghn.config.to_dict()}")
-        ghn.load_state_dict(ck["ghn"])
-        opt.load_state_dict(ck["optimizer"])
-        step, elapsed = ck["step"], ck["elapsed"]
-        if resuming:
-            torch.set_rng_state(ck["rng_torch"])
+        if not resuming and ck.get("format") == SHIPPED_FORMAT:
+            # A shipped GHN file (e.g. ghnq/assets/ghnq.pt): verified by its sha256, no optimizer state in it,
+            # so Adam starts fresh; the step count continues from its metadata.
+            shipped = load_checkpoint(src, device=str(device))
+            if shipped.config != ghn.config:
+                raise UserError(f"{src}: GHN config {shipped.config.to_dict()} differs from this run's "
+                                f"{ghn.config.to_dict()}")
+            ghn.load_state_dict(shipped.state_dict())
+            step, elapsed = int(ck.get("meta", {}).get("step", 0)), float(ck.get("meta", {}).get("elapsed_s", 0))
+        else:
+            if ck.get("format") != CKPT_FORMAT:
+                raise UserError(f"{src}: neither a meta-training checkpoint (a run's OUT/checkpoint.pt) nor a "
+                                "shipped GHN file")
+            if GHNConfig(**ck["config"]) != ghn.config:
+                raise UserError(f"{src}: GHN config {ck['config']} differs from this run's {ghn.config.to_dict()}")
+            ghn.load_state_dict(ck["ghn"])
+            opt.load_state_dict(ck["optimizer"])
+            step, elapsed = ck["step"], ck["elapsed"]
+            if resuming:
+                torch.set_rng_state(ck["rng_torch"])
     model: nn.Module = ghn
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel

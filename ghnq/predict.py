@@ -25,7 +25,7 @@ from ghnq.fileio import atomic_torch_save
 from ghnq.graph import extract_graph
 from ghnq.model import GHNQ, GHNConfig, bits_key, collate
 
-FORMAT = "ghnq-ghn/1"
+SHIPPED_FORMAT = "ghnq-ghn/1"   # the shippable GHN file (ghnq/assets/ghnq.pt)
 ASSET = Path(__file__).resolve().parent / "assets" / "ghnq.pt"
 
 
@@ -47,7 +47,7 @@ def state_digest(state: dict[str, Tensor]) -> str:
 def save_checkpoint(path: str | Path, ghn: GHNQ, meta: dict | None = None) -> Path:
     """The shippable file: config + GHN weights + sha256 + free-form metadata (step, training flags)."""
     state = {k: v.detach().cpu().clone() for k, v in ghn.state_dict().items()}
-    return atomic_torch_save(path, {"format": FORMAT, "config": ghn.config.to_dict(), "state_dict": state,
+    return atomic_torch_save(path, {"format": SHIPPED_FORMAT, "config": ghn.config.to_dict(), "state_dict": state,
                                     "sha256": state_digest(state), "meta": meta or {}})
 
 
@@ -64,9 +64,9 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu") -> GHNQ
         obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # torch raises many types for a damaged file
         raise UserError(f"{path}: not a readable GHN-Q checkpoint ({type(err).__name__}: {str(err)[:100]})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+    if not isinstance(obj, dict) or obj.get("format") != SHIPPED_FORMAT:
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise UserError(f"{path}: not a GHN-Q checkpoint (format {got!r}; expected {FORMAT!r})")
+        raise UserError(f"{path}: not a GHN-Q checkpoint (format {got!r}; expected {SHIPPED_FORMAT!r})")
     state, digest = obj.get("state_dict"), obj.get("sha256")
     if not isinstance(state, dict) or not isinstance(digest, str):
         raise UserError(f"{path}: GHN-Q checkpoint lacks state_dict or sha256")

@@ -117,8 +117,20 @@ def test_init_fine_tunes_from_another_run_with_4a4(tmp_path: Path) -> None:
     assert ft["step"] == 4 and ft["args"]["init"].endswith("base/checkpoint.pt")
     assert any(not torch.equal(ft["ghn"][k], base["ghn"][k]) for k in base["ghn"])
     assert torch.load(tmp_path / "base/checkpoint.pt", weights_only=False)["step"] == 2
+    # --init also takes a shipped GHN file (what ghnq/assets/ghnq.pt is): weights and step, a fresh optimizer
+    shipped = tmp_path / "base.pt"
+    subprocess.run(args + ["--out", str(tmp_path / "base"), "--export", str(shipped)], check=True, cwd=ROOT, env=env,
+                   capture_output=True)
+    subprocess.run(args + ["--steps", "3", "--init", str(shipped), "--out", str(tmp_path / "ft-shipped")],
+                   check=True, cwd=ROOT, env=env, capture_output=True)
+    assert [r["step"] for r in _log(tmp_path / "ft-shipped/log.jsonl") if "loss" in r] == [3]
+    corrupt = torch.load(shipped, weights_only=False)
+    first = next(iter(corrupt["state_dict"]))
+    corrupt["state_dict"][first] = corrupt["state_dict"][first] + 1
+    torch.save(corrupt, tmp_path / "corrupt.pt")
     for bad, words in ((["--bits", "4a3"], "activation bits"), (["--bits", "floata4"], "quantized weights"),
-                       (["--init", str(tmp_path / "nope.pt")], "no such training checkpoint")):
+                       (["--init", str(tmp_path / "nope.pt")], "no such training checkpoint"),
+                       (["--init", str(tmp_path / "corrupt.pt")], "corrupt")):
         r = subprocess.run(args + ["--steps", "3", "--out", str(tmp_path / "bad")] + bad, cwd=ROOT, env=env,
                            capture_output=True, text=True)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
