@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_ghnq_eval.py GHN-Q=runs/eval/ghnq.jsonl random=runs/eval/random.jsonl \
         -o benchmarks/ghnq_eval.png
 
-Each argument is LABEL=FILE, FILE holding `ghnq.evaluate --out` JSON lines ({"spec": .., "top1": {bits: ..}}).
+Each argument is LABEL=FILE, FILE holding `ghnq.evaluate --out` JSON lines ({"spec": .., "top1": {bits: ..}}), or
+`benchmarks/bench_rank_trust.py`'s OUT/trained.json (SGD-trained for 1 epoch, integer-graph sim).
 Only specs present in every file are compared (so a shorter sweep does not bias a mean); the table says how
 many. Prints a markdown table and writes a box plot (one box per source and bit width).
 """
@@ -24,6 +25,10 @@ BIT_LABELS = {"float": "float", "8": "W8A8", "4": "W4A8", "4a4": "W4A4"}
 
 
 def read(path: Path) -> dict[str, dict[str, float]]:
+    """`ghnq.evaluate --out` JSON lines, or bench_rank_trust's OUT/trained.json (the SGD-1-epoch yardstick)."""
+    if path.suffix == ".json":
+        rows = json.loads(path.read_text())["rows"].values()
+        return {row["name"]: row["top1"] for row in rows}
     out = {}
     for line in path.read_text().splitlines():
         if line.strip():
