@@ -35,7 +35,7 @@ from calibration.sim import Simulator  # noqa: E402
 from export.tflite import LiteRTRunner, build_tflite  # noqa: E402
 from ghnq.cli import UserError, run_cli  # noqa: E402
 from ghnq.data import load_eval_images  # noqa: E402
-from ghnq.evaluate import calibration_uint8, classes_predicted, heldout_specs, load_predicted, to_x01  # noqa: E402
+from ghnq.evaluate import calibration_uint8, heldout_specs, load_predicted, logits_predicted, to_x01  # noqa: E402
 from ghnq.fakequant import FakeQuantNet  # noqa: E402
 from ghnq.fileio import atomic_write_text  # noqa: E402
 from ghnq.predict import load_checkpoint, predict_params  # noqa: E402
@@ -48,7 +48,10 @@ def measure(spec: dict, ghn, wbits: int, calib_u8: np.ndarray, test_u8: np.ndarr
     model = build_model(spec)
     params = predict_params(ghn, model, bits=str(wbits))
     t0 = time.perf_counter()
-    loop = classes_predicted(FakeQuantNet(model), params, wbits, 8, to_x01(calib_u8), to_x01(test_u8)).numpy()
+    with torch.no_grad():
+        loop_logits = logits_predicted(FakeQuantNet(model), params, wbits, 8, to_x01(calib_u8),
+                                       to_x01(test_u8)).numpy()
+    loop = loop_logits.argmax(1)
     t1 = time.perf_counter()
     load_predicted(model, params)
     qm = calibrate(model, calib_u8, weight_bits=wbits, act_bits=8, bn_recalibrate=True, progress=False)
@@ -59,10 +62,19 @@ def measure(spec: dict, ghn, wbits: int, calib_u8: np.ndarray, test_u8: np.ndarr
     top = {"train_loop": float((loop == labels).mean()), "sim": float((sim_codes.argmax(1) == labels).mean()),
            "tflite": float((tfl_codes.argmax(1) == labels).mean())}
     diff = np.abs(sim_codes.astype(np.int16) - tfl_codes.astype(np.int16))
+    # The train loop's float logits put on the integer graph's output grid: how far apart, in int8 steps.
+    out = qm.tensors[qm.output]
+    scale, zp = float(np.asarray(out.scale).reshape(-1)[0]), int(np.asarray(out.zero_point).reshape(-1)[0])
+    loop_codes = np.clip(np.round(loop_logits / scale) + zp, -128, 127)
+    loop_steps = np.abs(loop_codes - tfl_codes.astype(np.int16))
+    margin = np.sort(tfl_codes.astype(np.int16), axis=1)
     return {"spec": spec.get("name", "?"), "wbits": wbits, "top1": top,
             "train_loop_minus_tflite_pt": round(100 * (top["train_loop"] - top["tflite"]), 2),
             "sim_minus_tflite_pt": round(100 * (top["sim"] - top["tflite"]), 2),
             "train_loop_vs_tflite_same_class": float((loop == tfl_codes.argmax(1)).mean()),
+            "train_loop_vs_tflite_logits_within_1_step": float((loop_steps <= 1).mean()),
+            "train_loop_vs_tflite_mean_steps": round(float(loop_steps.mean()), 3),
+            "tflite_top2_margin_median_steps": float(np.median(margin[:, -1] - margin[:, -2])),
             "sim_vs_tflite_codes_differ": int((diff > 0).sum()), "sim_vs_tflite_max_step": int(diff.max()),
             "codes": int(diff.size), "seconds": {"train_loop": round(t1 - t0, 1), "calibrate_sim": round(t2 - t1, 1),
                                                  "tflite": round(t3 - t2, 1)}}
@@ -70,13 +82,17 @@ def measure(spec: dict, ghn, wbits: int, calib_u8: np.ndarray, test_u8: np.ndarr
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| spec | weights | train-loop top-1 % | sim top-1 % | .tflite top-1 % | train-loop − .tflite (pt) | "
-             "same class, train-loop vs .tflite | sim vs .tflite codes differing |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "same class, train-loop vs .tflite | train-loop logits within 1 step of .tflite (mean steps) | "
+             ".tflite top-2 margin, median steps | sim vs .tflite codes differing |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["top1"]
         lines.append(f"| {r['spec']} | W{r['wbits']}A8 | {100 * t['train_loop']:.2f} | {100 * t['sim']:.2f} | "
                      f"{100 * t['tflite']:.2f} | {r['train_loop_minus_tflite_pt']:+.2f} | "
                      f"{r['train_loop_vs_tflite_same_class']:.1%} | "
+                     f"{r['train_loop_vs_tflite_logits_within_1_step']:.1%} "
+                     f"({r['train_loop_vs_tflite_mean_steps']:.2f}) | "
+                     f"{r['tflite_top2_margin_median_steps']:.0f} | "
                      f"{r['sim_vs_tflite_codes_differ']:,} / {r['codes']:,} |")
     gaps = [abs(r["train_loop_minus_tflite_pt"]) for r in rows]
     if gaps:

@@ -13,7 +13,7 @@ import numpy as np
 from torch import nn
 
 from calibration import reference
-from calibration.bn import recalibrate_bn
+from calibration.bn import BN_BATCH, recalibrate_bn
 from calibration.convert import float_graph, fold_input_normalization, observe, quantize
 from calibration.qmodel import Op, QuantizedModel, Tensor, load, save
 from calibration.sim import Simulator, simulate
@@ -23,7 +23,7 @@ __all__ = ["calibrate", "simulate", "Simulator", "reference", "QuantizedModel", 
 
 
 def calibrate(model: nn.Module, images: np.ndarray, method: str = "minmax", weight_bits: int = 8,
-              act_bits: int = 8, bn_recalibrate: bool = False, batch_size: int = 128, progress: bool = True,
+              act_bits: int = 8, bn_recalibrate: bool = False, batch_size: int = BN_BATCH, progress: bool = True,
               meta: dict | None = None) -> QuantizedModel:
     """Quantize a float model on uint8 NHWC calibration images; the model itself is not modified
     (except its BN statistics when `bn_recalibrate`)."""

@@ -16,9 +16,11 @@ from tqdm import tqdm
 from ghnq.cli import UserError
 from ghnq.data import to_float
 
+BN_BATCH = 128  # images per BN re-estimation batch; ghnq.evaluate's train-loop engine uses the same batches
+
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, images: np.ndarray, batch_size: int = 128, progress: bool = True) -> int:
+def recalibrate_bn(model: nn.Module, images: np.ndarray, batch_size: int = BN_BATCH, progress: bool = True) -> int:
     """Recompute every BatchNorm's running mean/var on uint8 NHWC `images`; returns the number of BN layers."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:

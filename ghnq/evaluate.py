@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from calibration.bn import BN_BATCH
 from ghnq.cli import UserError, run_cli
 from ghnq.data import interleaved_order, load_cifar10, load_eval_images, to_float
 from ghnq.fakequant import FakeQuantNet, finalize_stats
@@ -60,21 +61,28 @@ def to_x01(images: np.ndarray) -> Tensor:
 
 
 @torch.no_grad()
-def classes_predicted(net: FakeQuantNet, params: dict[str, Tensor], wbits: int | None, abits: int | None,
-                      calib: Tensor, test: Tensor, batch: int = 250) -> Tensor:
-    """BN re-estimation + static activation ranges on `calib`, then the argmax class of every `test` image
-    (all x01 tensors)."""
+def logits_predicted(net: FakeQuantNet, params: dict[str, Tensor], wbits: int | None, abits: int | None,
+                     calib: Tensor, test: Tensor, batch: int = 250) -> Tensor:
+    """BN re-estimation + static activation ranges on `calib`, then the logits of every `test` image
+    (all x01 tensors) under the training loop's quantization."""
     collect: dict = {}
     observe: dict = {}
-    for i in range(0, len(calib), batch):
-        net(calib[i:i + batch], params, bn="batch", collect=collect)
+    for i in range(0, len(calib), BN_BATCH):  # BN statistics: the batches calibration.calibrate uses
+        net(calib[i:i + BN_BATCH], params, bn="batch", collect=collect)
     stats = finalize_stats(collect)
     if abits:  # ranges of the quantized net's own tensors, with the re-estimated BN
         for i in range(0, len(calib), batch):
             net(calib[i:i + batch], params, wbits=wbits, abits=abits, bn="stats", stats=stats, observe=observe)
-    preds = [net(test[i:i + batch], params, wbits=wbits, abits=abits, bn="stats", stats=stats,
-                 ranges=observe).argmax(1) for i in range(0, len(test), batch)]
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    out = [net(test[i:i + batch], params, wbits=wbits, abits=abits, bn="stats", stats=stats, ranges=observe)
+           for i in range(0, len(test), batch)]
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def classes_predicted(net: FakeQuantNet, params: dict[str, Tensor], wbits: int | None, abits: int | None,
+                      calib: Tensor, test: Tensor, batch: int = 250) -> Tensor:
+    """The argmax class of every `test` image under `logits_predicted`."""
+    logits = logits_predicted(net, params, wbits, abits, calib, test, batch)
+    return logits.argmax(1) if len(logits) else torch.zeros(0, dtype=torch.long)
 
 
 def top1_predicted(net: FakeQuantNet, params: dict[str, Tensor], wbits: int | None, abits: int | None,

@@ -215,13 +215,19 @@ class FakeQuantNet:
         else:
             mean = x.mean(dims)
             var = x.var(dims, unbiased=False)
-            if collect is not None:  # cumulative average over batches (equal batch sizes)
-                cnt, s_mean, s_sq = collect.get(name, (0, 0.0, 0.0))
-                collect[name] = (cnt + 1, s_mean + mean.detach(), s_sq + (var + mean * mean).detach())
+            if collect is not None:
+                # Exactly what calibration.bn.recalibrate_bn leaves in a BatchNorm (momentum=None): the cumulative
+                # average over batches, each weighing 1, of the batch mean and the *unbiased* batch variance. The
+                # integer graph is built from those statistics, so the train loop's evaluation must use the same
+                # (a pooled E[x²] - E[x]² over unequal batches was 2 int8 logit steps away from the exported graph).
+                cnt, s_mean, s_var = collect.get(name, (0, 0.0, 0.0))
+                n = x.numel() // x.shape[1]
+                collect[name] = (cnt + 1, s_mean + mean.detach(), s_var + (var * (n / max(n - 1, 1))).detach())
         shape = [1, -1] + [1] * (x.dim() - 2)
         return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
 
 
 def finalize_stats(collect: dict) -> dict:
-    """Averages from `collect` → stats for bn="stats" (variance over all batches: E[x²] - E[x]²)."""
-    return {k: (m / c, (sq / c - (m / c) ** 2).clamp_min(0)) for k, (c, m, sq) in collect.items()}
+    """Averages from `collect` → stats for bn="stats": per BN the mean over batches of the batch mean and of the
+    unbiased batch variance, as torch's BatchNorm running statistics with momentum=None."""
+    return {k: (m / c, v / c) for k, (c, m, v) in collect.items()}
