@@ -22,8 +22,8 @@ pytestmark = pytest.mark.skipif(not (default_data_root() / "train").is_dir(), re
 TINY = "name: tiny\nstem: {out: 8}\nstages:\n  - {block: conv, out: 16, stride: 2}\n  - {block: basic, out: 16}\n"
 
 
-def _train(spec: Path, out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "ghnq.train", "--arch", str(spec), "--out", str(out), "--epochs", "2",
+def _train(spec: Path, out: Path, *extra: str, epochs: int = 2) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ghnq.train", "--arch", str(spec), "--out", str(out), "--epochs", str(epochs),
            "--batch-size", "32", "--train-images", "320", "--eval-images", "200", "--threads", "1",
            "--checkpoint-every", "0", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -41,12 +41,14 @@ def test_augment_keeps_content() -> None:
 def test_train_kill9_resume_is_exact(tmp_path: Path) -> None:
     spec = tmp_path / "tiny.yaml"
     spec.write_text(TINY)
-    ref = _train(spec, tmp_path / "ref")
+    # 30 epochs of 10 steps: the tiny net runs a step in milliseconds, so a short run can finish between two
+    # polls of its checkpoint; 300 steps leave the kill a window of hundreds of steps.
+    ref = _train(spec, tmp_path / "ref", epochs=30)
     out, _ = ref.communicate(timeout=600)
     assert ref.returncode == 0, out
     assert "test top-1" in out
 
-    proc = _train(spec, tmp_path / "killed")
+    proc = _train(spec, tmp_path / "killed", epochs=30)
     ckpt = tmp_path / "killed" / "checkpoint.pt"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -57,11 +59,11 @@ def test_train_kill9_resume_is_exact(tmp_path: Path) -> None:
     proc.wait()
     assert not (tmp_path / "killed" / "weights.pt").exists()
     step = torch.load(ckpt, weights_only=False)["step"]
-    assert 12 <= step < 20  # killed mid-run (20 steps in all)
-    resumed = _train(spec, tmp_path / "killed", "--resume")
+    assert 12 <= step < 300  # killed mid-run (300 steps in all)
+    resumed = _train(spec, tmp_path / "killed", "--resume", epochs=30)
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
-    assert f"resumed at step {step}/20" in out
+    assert f"resumed at step {step}/300" in out
     a = torch.load(tmp_path / "ref" / "weights.pt")
     b = torch.load(tmp_path / "killed" / "weights.pt")
     for k in a:
