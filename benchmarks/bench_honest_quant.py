@@ -48,9 +48,7 @@ def measure(spec: dict, ghn, wbits: int, calib_u8: np.ndarray, test_u8: np.ndarr
     model = build_model(spec)
     params = predict_params(ghn, model, bits=str(wbits))
     t0 = time.perf_counter()
-    with torch.no_grad():
-        loop_logits = logits_predicted(FakeQuantNet(model), params, wbits, 8, to_x01(calib_u8),
-                                       to_x01(test_u8)).numpy()
+    loop_logits = logits_predicted(FakeQuantNet(model), params, wbits, 8, to_x01(calib_u8), to_x01(test_u8)).numpy()
     loop = loop_logits.argmax(1)
     t1 = time.perf_counter()
     load_predicted(model, params)
@@ -63,8 +61,7 @@ def measure(spec: dict, ghn, wbits: int, calib_u8: np.ndarray, test_u8: np.ndarr
            "tflite": float((tfl_codes.argmax(1) == labels).mean())}
     diff = np.abs(sim_codes.astype(np.int16) - tfl_codes.astype(np.int16))
     # The train loop's float logits put on the integer graph's output grid: how far apart, in int8 steps.
-    out = qm.tensors[qm.output]
-    scale, zp = float(np.asarray(out.scale).reshape(-1)[0]), int(np.asarray(out.zero_point).reshape(-1)[0])
+    scale, zp = qm.output_qparams()
     loop_codes = np.clip(np.round(loop_logits / scale) + zp, -128, 127)
     loop_steps = np.abs(loop_codes - tfl_codes.astype(np.int16))
     margin = np.sort(tfl_codes.astype(np.int16), axis=1)

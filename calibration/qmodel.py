@@ -160,6 +160,11 @@ class QuantizedModel:
         """Names of the int8 weight tensors, in op order (the keys simulate()/evolve override)."""
         return [op.inputs[1] for op in self.ops if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected")]
 
+    def output_qparams(self) -> tuple[float, int]:
+        """(scale, zero point) of the output tensor: logit = scale * (code - zero point)."""
+        out = self.tensors[self.output]
+        return float(out.scale[0]), int(out.zero_point[0])
+
     def producer(self, name: str) -> Op | None:
         return next((op for op in self.ops if name in op.outputs), None)
 

@@ -63,16 +63,18 @@ def to_x01(images: np.ndarray) -> Tensor:
 @torch.no_grad()
 def logits_predicted(net: FakeQuantNet, params: dict[str, Tensor], wbits: int | None, abits: int | None,
                      calib: Tensor, test: Tensor, batch: int = 250) -> Tensor:
-    """BN re-estimation + static activation ranges on `calib`, then the logits of every `test` image
-    (all x01 tensors) under the training loop's quantization."""
+    """The logits of every `test` image under the training loop's quantization, with everything the exported
+    integer graph fixes at calibration done as calibration.calibrate does it on `calib` (x01 tensors):
+    BN statistics re-estimated on the float nn.Module's input (normalized image, batches of BN_BATCH), and
+    static activation ranges observed on the float graph (BN folded, float weights; the minmax observer)."""
     collect: dict = {}
     observe: dict = {}
-    for i in range(0, len(calib), BN_BATCH):  # BN statistics: the batches calibration.calibrate uses
-        net(calib[i:i + BN_BATCH], params, bn="batch", collect=collect)
+    for i in range(0, len(calib), BN_BATCH):
+        net(calib[i:i + BN_BATCH], params, bn="batch", collect=collect, fold_input=False)
     stats = finalize_stats(collect)
-    if abits:  # ranges of the quantized net's own tensors, with the re-estimated BN
+    if abits:
         for i in range(0, len(calib), batch):
-            net(calib[i:i + batch], params, wbits=wbits, abits=abits, bn="stats", stats=stats, observe=observe)
+            net(calib[i:i + batch], params, bn="stats", stats=stats, observe=observe)
     out = [net(test[i:i + batch], params, wbits=wbits, abits=abits, bn="stats", stats=stats, ranges=observe)
            for i in range(0, len(test), batch)]
     return torch.cat(out) if out else torch.zeros(0, 0)

@@ -220,8 +220,7 @@ class PopulationFitness:
             for n in op.inputs:
                 self.last_use[n] = i
         self.last_use[qm.output] = len(qm.ops)
-        t = qm.tensors[qm.output]
-        self.out_scale, self.out_zp = float(t.scale[0]), int(t.zero_point[0])
+        self.out_scale, self.out_zp = qm.output_qparams()
         self._cache: tuple[Any, int, dict[str, torch.Tensor]] | None = None
         self._context = [torch.from_numpy(qm.tensors[k].data.copy()) for k in layout.keys]
 

@@ -147,7 +147,11 @@ class FakeQuantNet:
 
     def __call__(self, x01: Tensor, params: dict[str, Tensor], wbits: int | None = None,
                  abits: int | None = None, bn: str = "batch", stats: dict | None = None,
-                 collect: dict | None = None, ranges: dict | None = None, observe: dict | None = None) -> Tensor:
+                 collect: dict | None = None, ranges: dict | None = None, observe: dict | None = None,
+                 fold_input: bool = True) -> Tensor:
+        """fold_input=False feeds the normalized image instead (zero padding = the mean pixel): what the float
+        nn.Module sees, e.g. when calibration.bn re-estimates BN statistics for the integer graph."""
+        fold = self.fold_input and fold_input
         mean = torch.tensor(MEAN, dtype=x01.dtype, device=x01.device)
         shift = 128.0 / 255.0  # the integer graph's input zero point: code 0 = pixel 128
         std = torch.tensor(STD, dtype=x01.dtype, device=x01.device)
@@ -158,7 +162,7 @@ class FakeQuantNet:
 
         for n in self.nodes:
             if n.op == "placeholder":
-                out = x01 - shift if self.fold_input else (x01 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+                out = x01 - shift if fold else (x01 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
             elif n.op == "get_attr":
                 out = getattr(self.gm, n.target)
             elif n.op == "output":
@@ -168,7 +172,7 @@ class FakeQuantNet:
                 x = load(n.args[0])
                 if isinstance(m, nn.Conv2d):
                     w, b = params[n.target + ".weight"], params.get(n.target + ".bias")
-                    if self.fold_input and n.args[0].op == "placeholder":
+                    if fold and n.args[0].op == "placeholder":
                         fold_b = -(w * ((mean - shift) / std).view(1, -1, 1, 1)).sum((1, 2, 3))
                         b = fold_b if b is None else b + fold_b
                         w = w / std.view(1, -1, 1, 1)

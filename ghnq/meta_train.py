@@ -47,7 +47,7 @@ from ghnq.fakequant import FakeQuantNet
 from ghnq.fileio import atomic_torch_save, atomic_write_text
 from ghnq.graph import extract_graph
 from ghnq.model import GHNQ, GHNConfig, bits_int, bits_key, collate
-from ghnq.predict import SHIPPED_FORMAT, load_checkpoint, save_checkpoint
+from ghnq.predict import SHIPPED_FORMAT, ghn_from_file_object, save_checkpoint
 from ghnq.sampler import SamplerConfig, sample_spec, spec_hash
 from ghnq.spec import build_model
 from ghnq.train import augment
@@ -268,12 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         if not resuming and ck.get("format") == SHIPPED_FORMAT:
             # A shipped GHN file (e.g. ghnq/assets/ghnq.pt): verified by its sha256, no optimizer state in it,
             # so Adam starts fresh; the step count continues from its metadata.
-            shipped = load_checkpoint(src, device=str(device))
+            shipped = ghn_from_file_object(ck, src, device=str(device))
             if shipped.config != ghn.config:
                 raise UserError(f"{src}: GHN config {shipped.config.to_dict()} differs from this run's "
                                 f"{ghn.config.to_dict()}")
             ghn.load_state_dict(shipped.state_dict())
-            step, elapsed = int(ck.get("meta", {}).get("step", 0)), float(ck.get("meta", {}).get("elapsed_s", 0))
+            step, elapsed = int(shipped.meta.get("step", 0)), float(shipped.meta.get("elapsed_s", shipped.meta.get("elapsed", 0)))
         else:
             if ck.get("format") != CKPT_FORMAT:
                 raise UserError(f"{src}: neither a meta-training checkpoint (a run's OUT/checkpoint.pt) nor a "

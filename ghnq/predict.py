@@ -64,6 +64,11 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu") -> GHNQ
         obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # torch raises many types for a damaged file
         raise UserError(f"{path}: not a readable GHN-Q checkpoint ({type(err).__name__}: {str(err)[:100]})") from None
+    return ghn_from_file_object(obj, path, device)
+
+
+def ghn_from_file_object(obj: object, path: Path, device: str = "cpu") -> GHNQ:
+    """The verified GHN of a shipped file's loaded contents (format, sha256 of the weights, config)."""
     if not isinstance(obj, dict) or obj.get("format") != SHIPPED_FORMAT:
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise UserError(f"{path}: not a GHN-Q checkpoint (format {got!r}; expected {SHIPPED_FORMAT!r})")

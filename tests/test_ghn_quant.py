@@ -126,7 +126,8 @@ def test_native_and_explicit_batch_norm_agree() -> None:
 def test_loop_bn_statistics_equal_calibrations() -> None:
     """The train loop's BN re-estimation (collect → finalize_stats, batches of BN_BATCH) leaves exactly the
     statistics calibration.bn.recalibrate_bn puts in the model (which the integer graph is built from),
-    an unequal last batch included. (Input fold off: with it, padding means pixel 128, as in the integer graph.)"""
+    an unequal last batch included. (Input fold off, as logits_predicted does for BN: the float nn.Module pads
+    with the mean pixel; the folded input pads with pixel 128, as the integer graph does at inference.)"""
     import numpy as np
 
     from calibration.bn import BN_BATCH, recalibrate_bn
@@ -134,14 +135,13 @@ def test_loop_bn_statistics_equal_calibrations() -> None:
     torch.manual_seed(0)
     model = build_model(load_spec(ROOT / "specs/tiny-mbv2.yaml"))
     net = FakeQuantNet(model)
-    net.fold_input = False
     images = np.random.default_rng(0).integers(0, 256, (2 * BN_BATCH + 37, 32, 32, 3), dtype=np.uint8)
     x01 = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
     params = {k: v.detach() for k, v in model.named_parameters()}
     collect: dict = {}
     with torch.no_grad():
         for i in range(0, len(images), BN_BATCH):
-            net(x01[i:i + BN_BATCH], params, bn="batch", collect=collect)
+            net(x01[i:i + BN_BATCH], params, bn="batch", collect=collect, fold_input=False)
     stats = finalize_stats(collect)
     recalibrate_bn(model, images, progress=False)
     bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
@@ -153,9 +153,10 @@ def test_loop_bn_statistics_equal_calibrations() -> None:
 
 def test_train_loop_quantization_tracks_the_integer_graph() -> None:
     """Honest quantization in the loop: for a held-out spec with GHN-Q weights, the train loop's W8A8 logits
-    (BN re-estimated, static ranges) sit within a fraction of an int8 step of the integer graph's sim built
-    by calibration on the same images (measured 0.26-0.47 steps on real images; the old BN-statistics
-    mismatch gave 1.8-2.2 steps)."""
+    (BN re-estimated, static ranges) sit within a small fraction of an int8 step of the integer graph's sim
+    built by calibration on the same images. Measured on 3 held-out specs x W8/W4, 256 sample images: 0.008-0.19
+    mean steps, never more than 1; with BN statistics from the folded input and ranges observed on the
+    fake-quantized net (session 4) 0.34-0.70, max 3; with the older pooled BN estimator 1.8-2.2."""
     import numpy as np
 
     from calibration import calibrate
@@ -173,8 +174,7 @@ def test_train_loop_quantization_tracks_the_integer_graph() -> None:
     load_predicted(model, params)
     qm = calibrate(model, calib, weight_bits=8, act_bits=8, bn_recalibrate=True, progress=False)
     codes = Simulator(qm, rounding="xnnpack").run(test).astype(np.float64)
-    out = qm.tensors[qm.output]
-    scale, zp = float(np.asarray(out.scale).reshape(-1)[0]), int(np.asarray(out.zero_point).reshape(-1)[0])
+    scale, zp = qm.output_qparams()
     steps = np.abs(loop / scale - (codes - zp))
-    assert steps.mean() < 0.6, steps.mean()
+    assert steps.mean() < 0.25 and steps.max() < 1.5, (steps.mean(), steps.max())
     assert np.std(codes) > 3  # the logits are spread over many steps: the check above is not vacuous
