@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"{src}: GHN config {shipped.config.to_dict()} differs from this run's "
                                 f"{ghn.config.to_dict()}")
             ghn.load_state_dict(shipped.state_dict())
-            step, elapsed = int(shipped.meta.get("step", 0)), float(shipped.meta.get("elapsed_s", shipped.meta.get("elapsed", 0)))
+            meta = shipped.meta  # --export writes elapsed_s, in-run snapshots elapsed
+            step, elapsed = int(meta.get("step", 0)), float(meta.get("elapsed_s", meta.get("elapsed", 0)))
         else:
             if ck.get("format") != CKPT_FORMAT:
                 raise UserError(f"{src}: neither a meta-training checkpoint (a run's OUT/checkpoint.pt) nor a "
