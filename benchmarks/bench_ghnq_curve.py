@@ -1,4 +1,5 @@
-"""Training curve of a GHN-Q meta-training run: held-out top-1 (float / W8A8 / W4A8) and train loss vs steps.
+"""Training curve of a GHN-Q meta-training run: held-out top-1 (float / W8A8 / W4A8) vs steps and vs wall time
+(the run's own step time, evaluations excluded), and train loss vs steps.
 
     .venv/bin/python benchmarks/bench_ghnq_curve.py runs/ghnq-main [runs/ghnq-noq] -o benchmarks/ghnq_curve.png
 
@@ -35,7 +36,7 @@ def main() -> None:
     ap.add_argument("runs", nargs="+")
     ap.add_argument("-o", "--out", default="benchmarks/ghnq_curve.png")
     args = ap.parse_args()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(16, 4))
     for run in map(Path, args.runs):
         steps, evals = read_log(run)
         xs = sorted(steps)
@@ -46,8 +47,10 @@ def main() -> None:
         ax2.plot(xs, smooth, label=f"{run.name} (mean of {window})")
         es = sorted(evals)
         for key, style in (("float", "-o"), ("8", "--s"), ("4", ":^")):
-            ax1.plot(es, [100 * evals[s]["eval"][key] for s in es], style,
-                     label=f"{run.name} {'float' if key == 'float' else 'W' + key + 'A8'}")
+            label = f"{run.name} {'float' if key == 'float' else 'W' + key + 'A8'}"
+            top1 = [100 * evals[s]["eval"][key] for s in es]
+            ax1.plot(es, top1, style, label=label)
+            ax3.plot([evals[s]["elapsed"] / 3600 for s in es], top1, style, label=label)
         for s in es:
             e = evals[s]
             print(json.dumps({"run": run.name, "step": s, "hours": round(e["elapsed"] / 3600, 2),
@@ -59,6 +62,11 @@ def main() -> None:
     ax1.set_ylabel("held-out mean top-1 (%)")
     ax1.set_title("GHN-Q held-out nets, CIFAR-10 test subset")
     ax1.legend(fontsize=7)
+    ax3.axhline(10, color="gray", lw=0.8, ls="--")
+    ax3.set_ylim(ax1.get_ylim())
+    ax3.set_xlabel("meta-training wall time, hours (step time on the run's hardware)")
+    ax3.set_ylabel("held-out mean top-1 (%)")
+    ax3.set_title("the same vs wall time")
     ax2.set_xlabel("meta-training step")
     ax2.set_ylabel("train cross-entropy")
     ax2.set_title("meta-training loss")

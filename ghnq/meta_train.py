@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ghnq.cli import UserError, run_cli
 from ghnq.data import cache_dir, load_cifar10
@@ -198,6 +198,25 @@ def export(ckpt_path: Path, dest: Path) -> int:
     return 0
 
 
+def update(ghn: nn.Module, opt: torch.optim.Optimizer, loss: Tensor, max_norm: float = 5.0) -> float:
+    """One optimizer step with the gradient norm clipped; returns the norm (NaN when skipped).
+
+    Skipped when the loss or any gradient is not finite: a finite loss can still backpropagate an inf/NaN
+    (a 4-bit fake-quant scale underflow), and one such step writes NaN into every GHN weight for good
+    (seen at step 1878 of a CPU run: every later step NaN). Under DDP the gradients are all-reduced before
+    the norm, so every rank sees the same norm and all skip together."""
+    opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return math.nan
+    loss.backward()
+    gnorm = nn.utils.clip_grad_norm_(ghn.parameters(), max_norm)
+    if not torch.isfinite(gnorm):
+        opt.zero_grad(set_to_none=True)
+        return math.nan
+    opt.step()
+    return float(gnorm)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ghnq.meta_train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, snapshots/")
@@ -336,13 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             x01 = x01.contiguous(memory_format=torch.channels_last)  # permuted batch has these strides already)
         y = labels_t[idx].to(device)
         loss, acc = step_loss(model, nets, bits, x01, y, quant, ghn.config.hops)
-        opt.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            loss.backward()
-            gnorm = float(nn.utils.clip_grad_norm_(ghn.parameters(), 5.0))
-            opt.step()
-        else:
-            gnorm = math.nan
+        gnorm = update(ghn, opt, loss)
         step += 1
         dt = time.time() - t0
         elapsed += dt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -155,3 +156,22 @@ def test_ddp_two_ranks_stay_in_sync(tmp_path: Path) -> None:
     assert sync[0]["ddp_max_param_diff"] == 0.0
     rank0, rank1 = sync[0]["ddp_last_specs"]
     assert set(rank0).isdisjoint(rank1)  # the ranks trained on different architectures
+
+
+def test_update_skips_a_non_finite_gradient() -> None:
+    """A finite loss whose gradient is inf (sqrt at 0) leaves the weights and the optimizer untouched (it
+    once wrote NaN into every GHN weight for good); a finite gradient steps as usual."""
+    from ghnq.meta_train import update
+
+    lin = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(lin.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in lin.parameters()]
+    loss = torch.sqrt(lin.weight - lin.weight.detach()).sum() + lin.bias.sum()  # value: bias sum; grad: inf
+    assert torch.isfinite(loss)
+    assert math.isnan(update(lin, opt, loss))
+    assert all(torch.equal(a, b) for a, b in zip(before, lin.parameters(), strict=True))
+    assert not opt.state  # Adam's moments were not touched either
+    assert math.isnan(update(lin, opt, torch.tensor(float("nan"))))
+    norm = update(lin, opt, (lin.weight ** 2).sum() + lin.bias.sum())
+    assert math.isfinite(norm) and norm > 0
+    assert all(torch.isfinite(p).all() and not torch.equal(a, p) for a, p in zip(before, lin.parameters(), strict=True))
