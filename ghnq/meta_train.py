@@ -188,14 +188,17 @@ def export(ckpt_path: Path, dest: Path) -> int:
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     ghn = GHNQ(GHNConfig(**ck["config"]))
     ghn.load_state_dict(ck["ghn"])
-    a = ck.get("args", {})
-    meta = {"step": ck["step"], "elapsed_s": round(ck["elapsed"]), "quant": not a.get("no_quant", False),
-            "bits": a.get("bits"), "meta_batch": a.get("meta_batch"), "batch": a.get("batch"),
-            "max_macs": a.get("max_macs"), "lr": a.get("lr"), "device": a.get("device"),
-            "heldout_seed": HELDOUT_SEED}
-    save_checkpoint(dest, ghn, meta)
+    save_checkpoint(dest, ghn, shipped_meta(ck["step"], ck["elapsed"], ck.get("args", {})))
     print(f"exported step {ck['step']} of {ckpt_path} to {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
     return 0
+
+
+def shipped_meta(step: int, elapsed: float, args: dict) -> dict:
+    """The metadata of every shipped GHN file a run writes (--export, snapshots, OUT/ghnq.pt)."""
+    return {"step": step, "elapsed_s": round(elapsed), "quant": not args.get("no_quant", False),
+            "bits": args.get("bits"), "meta_batch": args.get("meta_batch"), "batch": args.get("batch"),
+            "max_macs": args.get("max_macs"), "lr": args.get("lr"), "device": args.get("device"),
+            "heldout_seed": HELDOUT_SEED}
 
 
 def update(ghn: nn.Module, opt: torch.optim.Optimizer, loss: Tensor, max_norm: float = 5.0) -> float:
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"{src}: GHN config {shipped.config.to_dict()} differs from this run's "
                                 f"{ghn.config.to_dict()}")
             ghn.load_state_dict(shipped.state_dict())
-            meta = shipped.meta  # --export writes elapsed_s, in-run snapshots elapsed
+            meta = shipped.meta  # snapshots written before shipped_meta existed say "elapsed"
             step, elapsed = int(meta.get("step", 0)), float(meta.get("elapsed_s", meta.get("elapsed", 0)))
         else:
             if ck.get("format") != CKPT_FORMAT:
@@ -366,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             res = evaluate_heldout(ghn, args.eval_nets, calib, test_x, test_y, quant, ghn.config.hops)
             log({"step": step, "eval": res, "eval_nets": args.eval_nets, "eval_images": len(test_x),
                  "eval_sec": round(time.time() - te, 1), "elapsed": round(elapsed, 1), "time": time.time()})
-            save_checkpoint(out / "snapshots" / f"step-{step:06d}.pt", ghn,
-                            {"step": step, "quant": quant, "elapsed": elapsed})
+            save_checkpoint(out / "snapshots" / f"step-{step:06d}.pt", ghn, shipped_meta(step, elapsed, vars(args)))
         if time.time() - last_ckpt >= args.checkpoint_every:
             save()
             last_ckpt = time.time()
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1:
         log(ddp_sync_record(ghn, drawn, world))
     if rank == 0:
-        save_checkpoint(out / "ghnq.pt", ghn, {"step": step, "quant": quant, "elapsed": elapsed})
+        save_checkpoint(out / "ghnq.pt", ghn, shipped_meta(step, elapsed, vars(args)))
     return 0
 
 
