@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     x = input_codes(images)
     tin = qm.tensors[qm.input]
-    qin = (float(tin.scale[0]), int(tin.zero_point[0]))
+    qin = tin.qparams
     sim = simulate(qm, images, rounding="executorch")
     sim_xnn = simulate(qm, images, rounding="xnnpack")
     sim_tfl = simulate(qm, images)

@@ -125,6 +125,11 @@ class Tensor:
     rmax: float | None = None
 
     @property
+    def qparams(self) -> tuple[float, int]:
+        """(scale, zero point) of a per-tensor quantized tensor: real = scale * (code - zero point)."""
+        return float(self.scale[0]), int(self.zero_point[0])
+
+    @property
     def is_const(self) -> bool:
         return self.data is not None
 
@@ -162,8 +167,7 @@ class QuantizedModel:
 
     def output_qparams(self) -> tuple[float, int]:
         """(scale, zero point) of the output tensor: logit = scale * (code - zero point)."""
-        out = self.tensors[self.output]
-        return float(out.scale[0]), int(out.zero_point[0])
+        return self.tensors[self.output].qparams
 
     def producer(self, name: str) -> Op | None:
         return next((op for op in self.ops if name in op.outputs), None)

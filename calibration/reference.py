@@ -340,7 +340,7 @@ def check_supported(qm: QuantizedModel) -> None:
 
 def run_op(qm: QuantizedModel, op: Op, env: dict[str, np.ndarray]) -> np.ndarray:
     T = qm.tensors
-    q = {n: (float(T[n].scale[0]), int(T[n].zero_point[0])) for n in op.inputs + op.outputs if not T[n].is_const}
+    q = {n: T[n].qparams for n in op.inputs + op.outputs if not T[n].is_const}
     out = op.outputs[0]
     k = op.kind
     if k in ("conv2d", "depthwise_conv2d", "fully_connected"):

@@ -139,7 +139,7 @@ class Simulator:
         self.qm, self.device, self.dtype, self.rounding = qm, torch.device(device), dtype, rounding
         self.consts = {n: torch.as_tensor(t.data, device=self.device).to(dtype)
                        for n, t in qm.tensors.items() if t.is_const}
-        self.q = {n: (float(t.scale[0]), int(t.zero_point[0]), t.qmin, t.qmax)
+        self.q = {n: (*t.qparams, t.qmin, t.qmax)
                   for n, t in qm.tensors.items() if not t.is_const}
         self.params = [self._prepare(op) for op in qm.ops]
 

@@ -642,7 +642,7 @@ def build(qm: QuantizedModel, out_dir: Path, name: str, args: argparse.Namespace
     p32 = atomic_write_bytes(out_dir / f"{name}_fp32.pte", fp32.data)
     t = qm.tensors[qm.input]
     runners = Runners(runner=ExecuTorchRunner(p8, args.threads),
-                      float_runners=[ExecuTorchRunner(p32, args.threads, (float(t.scale[0]), int(t.zero_point[0])))])
+                      float_runners=[ExecuTorchRunner(p32, args.threads, t.qparams)])
     info = {"route": "QM → torch module → PT2E (QM-fixed quantizer) → quantize_input/output → "
                      "to_edge_transform_and_lower(XnnpackPartitioner)", "executorch": _executorch_version(),
             "delegation": int8.delegation, "fp32_delegation": fp32.delegation,

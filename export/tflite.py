@@ -370,8 +370,7 @@ def _hardswish(c: _Ctx, op: Op) -> None:
         c.g.op("HARD_SWISH", [c.activation(x)], [c.activation(y)], None, c.version("HARD_SWISH"))
         return
     t_in, t_out = c.qm.tensors[x], c.qm.tensors[y]
-    table = hardswish_table((float(t_in.scale[0]), int(t_in.zero_point[0])),
-                            (float(t_out.scale[0]), int(t_out.zero_point[0])))
+    table = hardswish_table(t_in.qparams, t_out.qparams)
     shape = list(t_in.shape)
     codes, index = f"{y}/codes", f"{y}/index"
     c.g.tensor(codes, shape, "int32")
@@ -544,7 +543,7 @@ class _Fp32Runner:
     def __init__(self, path: Path, qm: QuantizedModel, threads: int) -> None:
         self.inner = LiteRTRunner(path, "xnnpack", threads)
         t = qm.tensors[qm.input]
-        self.scale, self.zp = float(t.scale[0]), int(t.zero_point[0])
+        self.scale, self.zp = t.qparams
         self.name = "fp32 twin, " + self.inner.name
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

@@ -276,7 +276,7 @@ def test_fp32_twin_computes_the_same_function(tmp_path: Path) -> None:
     path = tmp_path / "m_fp32.pte"
     path.write_bytes(prog.data)
     t = qm.tensors[qm.input]
-    out = E.ExecuTorchRunner(path, fp32_input=(float(t.scale[0]), int(t.zero_point[0])))(input_codes(images))
+    out = E.ExecuTorchRunner(path, fp32_input=t.qparams)(input_codes(images))
     assert out.dtype == np.float32
     scale, zp = qm.output_qparams()
     sim = (simulate(qm, images).astype(np.float32) - zp) * scale
