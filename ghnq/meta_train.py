@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -206,14 +207,17 @@ def update(ghn: nn.Module, opt: torch.optim.Optimizer, loss: Tensor, max_norm: f
 
     Skipped when the loss or any gradient is not finite: a finite loss can still backpropagate an inf/NaN
     (a 4-bit fake-quant scale underflow), and one such step writes NaN into every GHN weight for good
-    (seen at step 1878 of a CPU run: every later step NaN). Under DDP the gradients are all-reduced before
-    the norm, so every rank sees the same norm and all skip together."""
+    (seen at step 1878 of a CPU run: every later step NaN). Under DDP every rank must run backward (that is
+    where the gradients are all-reduced; a rank that returned early would leave the others waiting), so the
+    loss check is all-reduced too, and the gradient norm is the same on every rank: all skip together."""
     opt.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
-        return math.nan
-    loss.backward()
+    bad_loss = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)
+    if loss.requires_grad:
+        loss.backward()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(bad_loss, op=dist.ReduceOp.MAX)
     gnorm = nn.utils.clip_grad_norm_(ghn.parameters(), max_norm)
-    if not torch.isfinite(gnorm):
+    if bad_loss.item() or not torch.isfinite(gnorm):
         opt.zero_grad(set_to_none=True)
         return math.nan
     opt.step()
@@ -262,8 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     device = torch.device(args.device)
     if world > 1:
-        import torch.distributed as dist
-
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend)
         if device.type == "cuda":
@@ -386,8 +388,6 @@ def main(argv: list[str] | None = None) -> int:
 def ddp_sync_record(ghn: GHNQ, drawn: list, world: int) -> dict:
     """Proof that DDP did its job: every rank holds the same GHN (max abs difference to rank 0's parameters)
     although each drew different nets (the spec hashes of every rank's last meta-batch)."""
-    import torch.distributed as dist
-
     flat = torch.cat([p.detach().flatten() for p in ghn.parameters()]).cpu()
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)

@@ -175,3 +175,47 @@ def test_update_skips_a_non_finite_gradient() -> None:
     norm = update(lin, opt, (lin.weight ** 2).sum() + lin.bias.sum())
     assert math.isfinite(norm) and norm > 0
     assert all(torch.isfinite(p).all() and not torch.equal(a, p) for a, p in zip(before, lin.parameters(), strict=True))
+
+
+_DDP_NAN_RANK = """
+import math, os, sys
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from ghnq.meta_train import update
+
+def run(rank: int, port: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    ddp = DDP(torch.nn.Linear(3, 2))
+    opt = torch.optim.Adam(ddp.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in ddp.parameters()]
+    out = ddp(torch.ones(4, 3)).sum()
+    loss = out * float("nan") if rank == 1 else out  # only rank 1's loss is not finite
+    skipped = math.isnan(update(ddp, opt, loss))
+    same = all(torch.equal(a, b) for a, b in zip(before, ddp.parameters()))
+    norm = update(ddp, opt, ddp(torch.ones(4, 3)).sum())  # the next, finite step runs on both ranks
+    print(f"rank{rank} skipped={skipped} unchanged={same} next={math.isfinite(norm)}", flush=True)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    torch.multiprocessing.spawn(run, args=(sys.argv[1],), nprocs=2)
+"""
+
+
+def test_update_under_ddp_skips_on_every_rank_when_one_loss_is_not_finite(tmp_path: Path) -> None:
+    """2 gloo ranks, a NaN loss on rank 1 only: both ranks still run backward (the gradient all-reduce),
+    both skip the step (no hang, no divergence between ranks), and the next finite step runs on both."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "nan_rank.py"
+    script.write_text(_DDP_NAN_RANK)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(script), port], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for rank in (0, 1):
+        assert f"rank{rank} skipped=True unchanged=True next=True" in r.stdout, r.stdout
