@@ -148,9 +148,22 @@ def split_bits(choice: str) -> tuple[str, int]:
     return (m.group(1), int(m.group(2))) if m else (choice, 8)
 
 
+def log_gains(params: dict[str, Tensor]) -> Tensor:
+    """The decoder's per-layer log-gain, read back from the predicted weights: each is standardized and scaled
+    by gain·sqrt(1/fan_in) (ghnq.model), so log(std·sqrt(fan_in)) recovers log(gain), gradient included."""
+    ws = [w for name, w in params.items() if name.endswith(".weight") and w.dim() in (2, 4)]
+    return torch.stack([torch.log(w.std(unbiased=False) * math.sqrt(w[0].numel())) for w in ws])
+
+
 def step_loss(ghn: nn.Module, nets: list[tuple[FakeQuantNet, object]], bits: list[str], x01: torch.Tensor,
-              y: torch.Tensor, quant: bool, hops: int) -> tuple[torch.Tensor, float]:
-    """Mean cross-entropy over the meta-batch, and mean train-batch accuracy."""
+              y: torch.Tensor, quant: bool, hops: int, gain_decay: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Mean cross-entropy over the meta-batch (+ gain_decay · mean squared log-gain), and step statistics.
+
+    Why the gain penalty: nearly every predicted conv feeds a BatchNorm, so its output scale is invisible to the
+    loss (per-channel symmetric fake-quant is scale-equivariant too) and its gain gets only a tiny, consistent
+    push from BN's eps. Adam normalizes that push to full-size steps: the log-gains drifted to 10 by step 1750
+    and to 45 by step 1850 of the next run, where BN's variance overflows float32 and the nets go dead (chance
+    accuracy, NaN gradients). The penalty is weight decay for the gain, as for scale-invariant weights in SGD."""
     batch = collate([g for _, g in nets], hops).to(x01.device)
     params = ghn(batch, [split_bits(b)[0] for b in bits])  # the GHN is conditioned on the weight bits only
     losses, correct = [], 0.0
@@ -160,7 +173,11 @@ def step_loss(ghn: nn.Module, nets: list[tuple[FakeQuantNet, object]], bits: lis
         logits = net(x01, p, wbits=wb, abits=abits if wb else None)
         losses.append(F.cross_entropy(logits, y))
         correct += (logits.argmax(1) == y).float().mean().item()
-    return torch.stack(losses).mean(), correct / len(nets)
+    ce = torch.stack(losses).mean()
+    gains = torch.cat([log_gains(p) for p in params])
+    loss = ce + gain_decay * gains.pow(2).mean() if gain_decay else ce
+    return loss, {"acc": correct / len(nets), "ce": ce.item(), "log_gain_mean": gains.mean().item(),
+                  "log_gain_max": gains.max().item()}
 
 
 def evaluate_heldout(ghn: GHNQ, n_nets: int, calib: torch.Tensor, test: torch.Tensor, labels: torch.Tensor,
@@ -198,8 +215,8 @@ def shipped_meta(step: int, elapsed: float, args: dict) -> dict:
     """The metadata of every shipped GHN file a run writes (--export, snapshots, OUT/ghnq.pt)."""
     return {"step": step, "elapsed_s": round(elapsed), "quant": not args.get("no_quant", False),
             "bits": args.get("bits"), "meta_batch": args.get("meta_batch"), "batch": args.get("batch"),
-            "max_macs": args.get("max_macs"), "lr": args.get("lr"), "device": args.get("device"),
-            "heldout_seed": HELDOUT_SEED}
+            "max_macs": args.get("max_macs"), "lr": args.get("lr"), "gain_decay": args.get("gain_decay"),
+            "device": args.get("device"), "heldout_seed": HELDOUT_SEED}
 
 
 def update(ghn: nn.Module, opt: torch.optim.Optimizer, loss: Tensor, max_norm: float = 5.0) -> float:
@@ -239,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64, help="images per step")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--bits", default="float,8,4", help="bit widths drawn per net")
+    ap.add_argument("--gain-decay", type=float, default=1e-2,
+                    help="penalty on the decoder's squared log-gains (keeps BN-hidden scales from drifting; 0: off)")
     ap.add_argument("--no-quant", action="store_true", help="ablation: train without quantization in the loop")
     ap.add_argument("--max-macs", type=float, default=HELDOUT_CONFIG.max_macs, help="cap per sampled net")
     ap.add_argument("--hidden", type=int, default=64)
@@ -359,12 +378,14 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cpu":  # oneDNN's convolutions (forward and backward) are faster on NHWC here (the
             x01 = x01.contiguous(memory_format=torch.channels_last)  # permuted batch has these strides already)
         y = labels_t[idx].to(device)
-        loss, acc = step_loss(model, nets, bits, x01, y, quant, ghn.config.hops)
+        loss, stats = step_loss(model, nets, bits, x01, y, quant, ghn.config.hops, args.gain_decay)
         gnorm = update(ghn, opt, loss)
         step += 1
         dt = time.time() - t0
         elapsed += dt
-        log({"step": step, "loss": round(loss.item(), 4), "acc": round(acc, 4), "grad_norm": round(gnorm, 3),
+        log({"step": step, "loss": round(loss.item(), 4), "ce": round(stats["ce"], 4), "acc": round(stats["acc"], 4),
+             "grad_norm": round(gnorm, 3), "log_gain_mean": round(stats["log_gain_mean"], 3),
+             "log_gain_max": round(stats["log_gain_max"], 3),
              "bits": bits, "sec": round(dt, 2), "elapsed": round(elapsed, 1), "time": time.time()})
         if args.eval_every and step % args.eval_every == 0 and rank == 0:
             te = time.time()

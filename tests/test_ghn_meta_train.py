@@ -18,8 +18,8 @@ import torch
 
 from ghnq.data import default_data_root, load_sample
 from ghnq.evaluate import to_x01
-from ghnq.meta_train import HELDOUT_CONFIG, draw_specs, heldout_hashes, heldout_specs, meta_net, step_loss
-from ghnq.model import GHNQ, GHNConfig
+from ghnq.meta_train import HELDOUT_CONFIG, draw_specs, heldout_hashes, heldout_specs, log_gains, meta_net, step_loss
+from ghnq.model import GHNQ, GHNConfig, collate
 from ghnq.sampler import SamplerConfig, spec_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +55,46 @@ def test_meta_training_lowers_loss() -> None:
         opt.step()
         losses.append(loss.item())
     assert min(losses[-3:]) < losses[0] - 0.15, losses
+
+
+def test_log_gains_read_back_the_decoders_gain() -> None:
+    """log_gains recovers the decoder's per-layer log-gain from the predicted weights alone."""
+    torch.manual_seed(0)
+    net, graph = meta_net(draw_specs(random.Random(3), 1, SamplerConfig(max_macs=1.5e6))[0])
+    ghn = GHNQ(GHNConfig(hidden=32, dec_hidden=16, dec_out=32, dec_in=32, hops=10))
+    with torch.no_grad():
+        ghn.dec_gain.bias.fill_(2.5)
+    seen: list[torch.Tensor] = []
+    ghn.dec_gain.register_forward_hook(lambda m, i, o: seen.append(o.detach().flatten()))
+    got = log_gains(ghn(collate([graph], 10), ["4"])[0])
+    assert got.shape == seen[0].shape and torch.allclose(got, seen[0], atol=1e-4)
+
+
+def test_gain_decay_is_a_penalty_on_the_squared_log_gains() -> None:
+    """step_loss's gain penalty adds decay·mean(log-gain²) to the cross-entropy and pushes dec_gain's bias (which
+    shifts every layer's log-gain by the same amount) by exactly 2·decay·mean(log-gain): the force that keeps
+    BN-hidden gains from drifting, where the cross-entropy exerts almost none."""
+    specs = draw_specs(random.Random(7), 2, SamplerConfig(max_macs=1.5e6))
+    nets = [meta_net(s) for s in specs]
+    images, labels = load_sample()
+    x01, y = to_x01(images[:32]), torch.as_tensor(labels[:32])
+    torch.manual_seed(0)
+    ghn = GHNQ(GHNConfig(hidden=32, dec_hidden=16, dec_out=32, dec_in=32, hops=10))
+    with torch.no_grad():
+        ghn.dec_gain.bias.fill_(3.0)
+    out = {}
+    for decay in (0.0, 0.05):
+        ghn.zero_grad()
+        loss, stats = step_loss(ghn, nets, ["4", "float"], x01, y, True, 10, gain_decay=decay)
+        loss.backward()
+        out[decay] = (loss.item(), stats, ghn.dec_gain.bias.grad.item())
+    (l0, s0, g0), (l1, s1, g1) = out[0.0], out[0.05]
+    assert s0["ce"] == pytest.approx(s1["ce"], rel=1e-6) and l0 == pytest.approx(s0["ce"], rel=1e-6)
+    assert s1["log_gain_mean"] > 2.5  # the bias set every layer's log-gain near 3
+    gains = torch.cat([log_gains(p) for p in ghn(collate([g for _, g in nets], 10),
+                                                   ["4", "float"])]).detach()
+    assert l1 - l0 == pytest.approx(0.05 * float(gains.pow(2).mean()), rel=1e-3)
+    assert g1 - g0 == pytest.approx(2 * 0.05 * float(gains.mean()), rel=1e-2)
 
 
 def _log(path: Path) -> list[dict]:
