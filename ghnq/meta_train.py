@@ -13,7 +13,9 @@ spec_hash), a bit width per net from --bits, one augmented CIFAR-10 training bat
 the GHN predicts every net's parameters, each net runs functionally (ghnq/fakequant.py: BN folded,
 per-channel symmetric weight fake-quant with STE, 8-bit activations where the integer graph has them;
 "4a4" in --bits: 4-bit weights and 4-bit activations),
-and the mean cross-entropy backpropagates into the GHN (Adam, gradient norm clipped at 5).
+and the mean cross-entropy, plus a small penalty on the decoder's squared log-gains (--gain-decay, see
+step_loss), backpropagates into the GHN (Adam, gradient norm clipped at 5; a step with a non-finite loss or
+gradient is skipped on every rank).
 
 Everything a step draws is a pure function of (seed, step, rank), and the checkpoint (written atomically
 every --checkpoint-every seconds) holds GHN, optimizer, step and RNG state: a resumed run continues
