@@ -18,7 +18,16 @@ import torch
 
 from ghnq.data import default_data_root, load_sample
 from ghnq.evaluate import to_x01
-from ghnq.meta_train import HELDOUT_CONFIG, draw_specs, heldout_hashes, heldout_specs, log_gains, meta_net, step_loss
+from ghnq.meta_train import (
+    HELDOUT_CONFIG,
+    draw_specs,
+    heldout_hashes,
+    heldout_specs,
+    log_gains,
+    meta_net,
+    step_loss,
+    update,
+)
 from ghnq.model import GHNQ, GHNConfig, collate
 from ghnq.sampler import SamplerConfig, spec_hash
 
@@ -201,8 +210,6 @@ def test_ddp_two_ranks_stay_in_sync(tmp_path: Path) -> None:
 def test_update_skips_a_non_finite_gradient() -> None:
     """A finite loss whose gradient is inf (sqrt at 0) leaves the weights and the optimizer untouched (it
     once wrote NaN into every GHN weight for good); a finite gradient steps as usual."""
-    from ghnq.meta_train import update
-
     lin = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(lin.parameters(), lr=0.1)
     before = [p.detach().clone() for p in lin.parameters()]
