@@ -243,6 +243,17 @@ def update(ghn: nn.Module, opt: torch.optim.Optimizer, loss: Tensor, max_norm: f
     return float(gnorm)
 
 
+def learning_rate(step: int, lr: float, decay_from: int | None, total: int, final: float) -> float:
+    """Constant `lr`, then (from `decay_from`) a half cosine down to `final` at step `total`.
+
+    A pure function of the step (not a torch LR scheduler with state of its own), so a run resumed from any
+    checkpoint, or continued with `--init` and new flags, is at exactly the right point of its schedule."""
+    if decay_from is None or step < decay_from:
+        return lr
+    t = min(1.0, (step - decay_from) / max(1, total - decay_from))
+    return final + 0.5 * (lr - final) * (1.0 + math.cos(math.pi * t))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ghnq.meta_train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl, snapshots/")
@@ -257,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=32, help="steps a sampled net stays in the pool")
     ap.add_argument("--batch", type=int, default=64, help="images per step")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--decay-from", type=int, default=None, metavar="STEP",
+                    help="cosine-decay the learning rate from --lr at STEP to --lr-final at --steps (default: "
+                    "constant)")
+    ap.add_argument("--lr-final", type=float, default=0.0, help="learning rate at --steps when --decay-from is set")
     ap.add_argument("--bits", default="float,8,4", help="bit widths drawn per net")
     ap.add_argument("--gain-decay", type=float, default=1e-2,
                     help="penalty on the decoder's squared log-gains (keeps BN-hidden scales from drifting; 0: off)")
@@ -274,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--data-root", default=None)
     args = ap.parse_args(argv)
+    if args.decay_from is not None and not 0 <= args.decay_from < args.steps:
+        raise UserError(f"--decay-from {args.decay_from}: must be a step in [0, --steps {args.steps})")
     if args.threads:
         torch.set_num_threads(args.threads)
     bits_choices = parse_train_bits(args.bits)
@@ -381,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
             x01 = x01.contiguous(memory_format=torch.channels_last)  # permuted batch has these strides already)
         y = labels_t[idx].to(device)
         loss, stats = step_loss(model, nets, bits, x01, y, quant, ghn.config.hops, args.gain_decay)
+        lr = learning_rate(step, args.lr, args.decay_from, args.steps, args.lr_final)
+        for group in opt.param_groups:
+            group["lr"] = lr
         gnorm = update(ghn, opt, loss)
         step += 1
         dt = time.time() - t0
@@ -388,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         log({"step": step, "loss": round(loss.item(), 4), "ce": round(stats["ce"], 4), "acc": round(stats["acc"], 4),
              "grad_norm": round(gnorm, 3), "log_gain_mean": round(stats["log_gain_mean"], 3),
              "log_gain_max": round(stats["log_gain_max"], 3),
-             "bits": bits, "sec": round(dt, 2), "elapsed": round(elapsed, 1), "time": time.time()})
+             "bits": bits, "lr": lr, "sec": round(dt, 2), "elapsed": round(elapsed, 1), "time": time.time()})
         if args.eval_every and step % args.eval_every == 0 and rank == 0:
             te = time.time()
             res = evaluate_heldout(ghn, args.eval_nets, calib, test_x, test_y, quant, ghn.config.hops)

@@ -23,6 +23,7 @@ from ghnq.meta_train import (
     draw_specs,
     heldout_hashes,
     heldout_specs,
+    learning_rate,
     log_gains,
     meta_net,
     step_loss,
@@ -106,6 +107,15 @@ def test_gain_decay_is_a_penalty_on_the_squared_log_gains() -> None:
     assert g1 - g0 == pytest.approx(2 * 0.05 * float(gains.mean()), rel=1e-2)
 
 
+def test_learning_rate_is_constant_then_a_half_cosine_to_the_final_rate() -> None:
+    assert [learning_rate(s, 1e-3, None, 10, 0.0) for s in (0, 9, 10)] == [1e-3] * 3
+    lrs = [learning_rate(s, 1e-3, 4, 12, 1e-5) for s in range(14)]
+    assert lrs[:5] == [1e-3] * 5  # constant up to and at --decay-from
+    assert lrs[8] == pytest.approx((1e-3 + 1e-5) / 2)  # halfway down the cosine
+    assert lrs[12:] == [pytest.approx(1e-5)] * 2  # the final rate at --steps (and after, for a continued run)
+    assert all(a > b for a, b in zip(lrs[4:12], lrs[5:13], strict=True))
+
+
 def _log(path: Path) -> list[dict]:
     out = []
     if path.exists():
@@ -159,9 +169,12 @@ def test_init_fine_tunes_from_another_run_with_4a4(tmp_path: Path) -> None:
                    capture_output=True)
     base = torch.load(tmp_path / "base/checkpoint.pt", weights_only=False)
     subprocess.run(args + ["--steps", "4", "--bits", "4a4,4", "--init", str(tmp_path / "base/checkpoint.pt"),
-                          "--out", str(tmp_path / "ft")], check=True, cwd=ROOT, env=env, capture_output=True)
+                          "--decay-from", "2", "--lr-final", "1e-4", "--out", str(tmp_path / "ft")],
+                   check=True, cwd=ROOT, env=env, capture_output=True)
     recs = [r for r in _log(tmp_path / "ft/log.jsonl") if "loss" in r]
     assert [r["step"] for r in recs] == [3, 4]  # continues the step count of the run it starts from
+    # the schedule picks up at the step the run starts from: steps 3, 4 are the cosine's first and second half
+    assert [r["lr"] for r in recs] == [pytest.approx(1e-3), pytest.approx((1e-3 + 1e-4) / 2)]
     assert {b for r in recs for b in r["bits"]} <= {"4a4", "4"}
     ft = torch.load(tmp_path / "ft/checkpoint.pt", weights_only=False)
     assert ft["step"] == 4 and ft["args"]["init"].endswith("base/checkpoint.pt")
@@ -180,6 +193,7 @@ def test_init_fine_tunes_from_another_run_with_4a4(tmp_path: Path) -> None:
     torch.save(corrupt, tmp_path / "corrupt.pt")
     for bad, words in ((["--bits", "4a3"], "activation bits"), (["--bits", "floata4"], "quantized weights"),
                        (["--init", str(tmp_path / "nope.pt")], "no such training checkpoint"),
+                       (["--decay-from", "3"], "--decay-from 3: must be a step in [0, --steps 3)"),
                        (["--init", str(tmp_path / "corrupt.pt")], "corrupt")):
         r = subprocess.run(args + ["--steps", "3", "--out", str(tmp_path / "bad")] + bad, cwd=ROOT, env=env,
                            capture_output=True, text=True)
