@@ -6,7 +6,10 @@
 Each argument is LABEL=FILE, FILE holding `ghnq.evaluate --out` JSON lines ({"spec": .., "top1": {bits: ..}}), or
 `benchmarks/bench_rank_trust.py`'s OUT/trained.json (SGD-trained for 1 epoch, integer-graph sim).
 Only specs present in every file are compared (so a shorter sweep does not bias a mean); the table says how
-many. Prints a markdown table and writes a box plot (one box per source and bit width).
+many. Prints a markdown table and writes a box plot (one box per source and bit width). `--paired` adds, for every
+source after the first, its per-spec difference to the first (mean ± standard error, wins): two GHNs evaluated on
+the same specs and images differ by much less than the spread between specs, so the paired difference is the test.
+`--heldout-only` keeps the sampled held-out specs (names `s-<hash>`) and drops specs/ and torchvision nets.
 """
 
 from __future__ import annotations
@@ -42,12 +45,31 @@ def quantile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
+def paired_table(runs: dict[str, dict[str, dict[str, float]]], specs: list[str]) -> str:
+    """Every source minus the first, spec by spec: mean difference in points ± its standard error, and wins."""
+    (base_label, base), *others = runs.items()
+    lines = ["", f"| paired vs {base_label} | bits | specs | mean diff (pt) | std. error | wins | losses |",
+             "|---|---|---|---|---|---|---|"]
+    for label, res in others:
+        for b in BIT_LABELS:
+            pairs = [(100 * res[s][b], 100 * base[s][b]) for s in specs if b in res[s] and b in base[s]]
+            if len(pairs) < 2:
+                continue
+            diffs = [a - c for a, c in pairs]
+            se = statistics.stdev(diffs) / len(diffs) ** 0.5
+            lines.append(f"| {label} | {BIT_LABELS[b]} | {len(diffs)} | {statistics.mean(diffs):+.2f} | {se:.2f} | "
+                         f"{sum(d > 0 for d in diffs)} | {sum(d < 0 for d in diffs)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", metavar="LABEL=FILE")
     ap.add_argument("-o", "--png", default=None)
     ap.add_argument("--specs", choices=("common", "all"), default="common",
                     help="compare on the specs every file has (default) or each file's own")
+    ap.add_argument("--paired", action="store_true", help="per-spec differences of every source to the first one")
+    ap.add_argument("--heldout-only", action="store_true", help="only the sampled held-out specs (s-<hash>)")
     args = ap.parse_args()
     runs = {}
     for item in args.runs:
@@ -55,6 +77,8 @@ def main() -> None:
         if not file:
             raise SystemExit(f"{item}: expected LABEL=FILE")
         runs[label] = read(Path(file))
+        if args.heldout_only:
+            runs[label] = {k: v for k, v in runs[label].items() if k.startswith("s-")}
     common = set.intersection(*(set(r) for r in runs.values()))
     rows, boxes = [], []
     for label, res in runs.items():
@@ -69,6 +93,8 @@ def main() -> None:
     print("| parameters | bits | specs | mean | median | p10 | p90 | min | max |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+    if args.paired:
+        print(paired_table(runs, sorted(common)))
     if args.png:
         fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(boxes)), 4))
         ax.boxplot([v for _, v in boxes], showmeans=True)
