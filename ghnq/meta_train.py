@@ -217,7 +217,8 @@ def shipped_meta(step: int, elapsed: float, args: dict) -> dict:
     """The metadata of every shipped GHN file a run writes (--export, snapshots, OUT/ghnq.pt)."""
     return {"step": step, "elapsed_s": round(elapsed), "quant": not args.get("no_quant", False),
             "bits": args.get("bits"), "meta_batch": args.get("meta_batch"), "batch": args.get("batch"),
-            "max_macs": args.get("max_macs"), "lr": args.get("lr"), "gain_decay": args.get("gain_decay"),
+            "max_macs": args.get("max_macs"), "lr": args.get("lr"), "decay_from": args.get("decay_from"),
+            "lr_final": args.get("lr_final"), "gain_decay": args.get("gain_decay"),
             "device": args.get("device"), "heldout_seed": HELDOUT_SEED}
 
 

@@ -175,6 +175,8 @@ def test_init_fine_tunes_from_another_run_with_4a4(tmp_path: Path) -> None:
     assert [r["step"] for r in recs] == [3, 4]  # continues the step count of the run it starts from
     # the schedule picks up at the step the run starts from: steps 3, 4 are the cosine's first and second half
     assert [r["lr"] for r in recs] == [pytest.approx(1e-3), pytest.approx((1e-3 + 1e-4) / 2)]
+    shipped_ft = torch.load(tmp_path / "ft/ghnq.pt", weights_only=False)["meta"]
+    assert (shipped_ft["decay_from"], shipped_ft["lr_final"]) == (2, 1e-4)  # the schedule travels with the file
     assert {b for r in recs for b in r["bits"]} <= {"4a4", "4"}
     ft = torch.load(tmp_path / "ft/checkpoint.pt", weights_only=False)
     assert ft["step"] == 4 and ft["args"]["init"].endswith("base/checkpoint.pt")
