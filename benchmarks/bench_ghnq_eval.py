@@ -17,12 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ghnq.sampler import SAMPLED_NAME_PREFIX  # noqa: E402
 
 BIT_LABELS = {"float": "float", "8": "W8A8", "4": "W4A8", "4a4": "W4A4"}
 
@@ -78,7 +82,7 @@ def main() -> None:
             raise SystemExit(f"{item}: expected LABEL=FILE")
         runs[label] = read(Path(file))
         if args.heldout_only:
-            runs[label] = {k: v for k, v in runs[label].items() if k.startswith("s-")}
+            runs[label] = {k: v for k, v in runs[label].items() if k.startswith(SAMPLED_NAME_PREFIX)}
     common = set.intersection(*(set(r) for r in runs.values()))
     rows, boxes = [], []
     for label, res in runs.items():

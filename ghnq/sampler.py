@@ -15,6 +15,8 @@ import torch
 
 from ghnq.spec import ACTS, BLOCKS, build_model, summarize, validate_spec
 
+SAMPLED_NAME_PREFIX = "s-"  # every sampled spec is named s-<first 10 hex digits of its spec_hash>
+
 
 @dataclass
 class SamplerConfig:
@@ -87,7 +89,7 @@ def sample_spec(rng: random.Random, cfg: SamplerConfig | None = None, max_tries:
         for _shrinks in range(4):
             macs = spec_macs(spec)
             if macs <= cfg.max_macs:
-                spec["name"] = "s-" + spec_hash(spec)[:10]
+                spec["name"] = SAMPLED_NAME_PREFIX + spec_hash(spec)[:10]
                 return spec
             spec = validate_spec(_shrink(spec, 0.95 * (cfg.max_macs / macs) ** 0.5), source="<sampler>")
     raise RuntimeError(f"sampler found no spec under {cfg.max_macs:.0f} MACs in {max_tries} tries")
