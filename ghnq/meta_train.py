@@ -327,7 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         src = ckpt_path if resuming else Path(args.init)
         if not src.is_file():
             raise UserError(f"--init {src}: no such training checkpoint")
-        ck = torch.load(src, map_location=device, weights_only=False)
+        try:
+            ck = torch.load(src, map_location=device, weights_only=False)
+        except Exception as err:  # torch raises many types for a damaged or foreign file
+            raise UserError(f"{src}: not a readable checkpoint ({type(err).__name__}: {str(err)[:100]})") from None
+        if not isinstance(ck, dict):
+            raise UserError(f"{src}: holds a {type(ck).__name__}, not a meta-training checkpoint or GHN file")
         if not resuming and ck.get("format") == SHIPPED_FORMAT:
             # A shipped GHN file (e.g. ghnq/assets/ghnq.pt): verified by its sha256, no optimizer state in it,
             # so Adam starts fresh; the step count continues from its metadata.

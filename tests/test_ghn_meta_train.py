@@ -193,10 +193,14 @@ def test_init_fine_tunes_from_another_run_with_4a4(tmp_path: Path) -> None:
     first = next(iter(corrupt["state_dict"]))
     corrupt["state_dict"][first] = corrupt["state_dict"][first] + 1
     torch.save(corrupt, tmp_path / "corrupt.pt")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    torch.save([1, 2], tmp_path / "list.pt")
     for bad, words in ((["--bits", "4a3"], "activation bits"), (["--bits", "floata4"], "quantized weights"),
                        (["--init", str(tmp_path / "nope.pt")], "no such training checkpoint"),
                        (["--decay-from", "3"], "--decay-from 3: must be a step in [0, --steps 3)"),
-                       (["--init", str(tmp_path / "corrupt.pt")], "corrupt")):
+                       (["--init", str(tmp_path / "corrupt.pt")], "corrupt"),
+                       (["--init", str(tmp_path / "notes.pt")], "notes.pt: not a readable checkpoint"),
+                       (["--init", str(tmp_path / "list.pt")], "holds a list")):
         r = subprocess.run(args + ["--steps", "3", "--out", str(tmp_path / "bad")] + bad, cwd=ROOT, env=env,
                            capture_output=True, text=True)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
