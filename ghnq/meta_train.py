@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         if time.time() - last_ckpt >= args.checkpoint_every:
             save()
             last_ckpt = time.time()
-        if args.max_minutes and time.time() - t_start >= args.max_minutes * 60:
+        if args.max_minutes and time_is_up(t_start, args.max_minutes, world, device):
             break
     save()
     if world > 1:
@@ -432,6 +432,17 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         save_checkpoint(out / "ghnq.pt", ghn, shipped_meta(step, elapsed, vars(args)))
     return 0
+
+
+def time_is_up(t_start: float, max_minutes: float, world: int, device: torch.device) -> bool:
+    """--max-minutes reached, decided for all ranks at once: a rank that left the loop alone would leave the
+    others waiting forever in the next gradient all-reduce (their clocks cross the limit steps apart)."""
+    up = time.time() - t_start >= max_minutes * 60
+    if world == 1:
+        return up
+    flag = torch.tensor([float(up)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # any rank out of time stops every rank, at this same step
+    return bool(flag.item())
 
 
 def ddp_sync_record(ghn: GHNQ, drawn: list, world: int) -> dict:

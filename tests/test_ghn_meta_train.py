@@ -270,19 +270,53 @@ if __name__ == "__main__":
 """
 
 
-def test_update_under_ddp_skips_on_every_rank_when_one_loss_is_not_finite(tmp_path: Path) -> None:
-    """2 gloo ranks, a NaN loss on rank 1 only: both ranks still run backward (the gradient all-reduce),
-    both skip the step (no hang, no divergence between ranks), and the next finite step runs on both."""
+def _run_two_gloo_ranks(tmp_path: Path, script_text: str) -> str:
+    """Run a script that spawns 2 gloo ranks on a free local port; its stdout."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    script = tmp_path / "nan_rank.py"
-    script.write_text(_DDP_NAN_RANK)
+    script = tmp_path / "two_ranks.py"
+    script.write_text(script_text)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, str(script), port], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_update_under_ddp_skips_on_every_rank_when_one_loss_is_not_finite(tmp_path: Path) -> None:
+    """2 gloo ranks, a NaN loss on rank 1 only: both ranks still run backward (the gradient all-reduce),
+    both skip the step (no hang, no divergence between ranks), and the next finite step runs on both."""
+    out = _run_two_gloo_ranks(tmp_path, _DDP_NAN_RANK)
     for rank in (0, 1):
-        assert f"rank{rank} skipped=True unchanged=True next=True" in r.stdout, r.stdout
+        assert f"rank{rank} skipped=True unchanged=True next=True" in out, out
+
+
+_DDP_TIME_UP = """
+import os, sys, time
+import torch, torch.distributed as dist
+from ghnq.meta_train import time_is_up
+
+def run(rank: int, port: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    now = time.time()
+    started = now - 120 if rank == 1 else now  # only rank 1's clock is past the 1-minute limit
+    up = time_is_up(started, 1.0, 2, torch.device("cpu"))
+    fresh = time_is_up(now, 1.0, 2, torch.device("cpu"))  # neither rank out of time: neither stops
+    print(f"rank{rank} up={up} fresh={fresh}", flush=True)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    torch.multiprocessing.spawn(run, args=(sys.argv[1],), nprocs=2)
+"""
+
+
+def test_max_minutes_stops_every_ddp_rank_at_the_same_step(tmp_path: Path) -> None:
+    """--max-minutes under DDP: when one rank's clock crosses the limit, every rank stops at that step (a rank
+    leaving alone would hang the others in the next all-reduce)."""
+    out = _run_two_gloo_ranks(tmp_path, _DDP_TIME_UP)
+    for rank in (0, 1):
+        assert f"rank{rank} up=True fresh=False" in out, out
