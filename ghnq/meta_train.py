@@ -51,7 +51,7 @@ from ghnq.fileio import atomic_torch_save, atomic_write_text
 from ghnq.graph import extract_graph
 from ghnq.model import GHNQ, GHNConfig, bits_int, bits_key, collate
 from ghnq.predict import SHIPPED_FORMAT, ghn_from_file_object, save_checkpoint
-from ghnq.sampler import SamplerConfig, sample_spec, spec_hash
+from ghnq.sampler import SPACES, SamplerConfig, sample_spec, spec_hash
 from ghnq.spec import build_model
 from ghnq.train import augment
 
@@ -277,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gain-decay", type=float, default=1e-2,
                     help="penalty on the decoder's squared log-gains (keeps BN-hidden scales from drifting; 0: off)")
     ap.add_argument("--no-quant", action="store_true", help="ablation: train without quantization in the loop")
+    ap.add_argument("--space", choices=sorted(SPACES), default="cifar",
+                    help="training space: cifar (where the held-out specs come from) or grammar (also stride-2 "
+                    "and 1×1/7×7 stems, stages up to 512 wide: nets shaped like torchvision's)")
     ap.add_argument("--max-macs", type=float, default=HELDOUT_CONFIG.max_macs, help="cap per sampled net")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--checkpoint-every", type=float, default=180, help="seconds between checkpoints")
@@ -363,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
     images, labels = load_cifar10("train", args.data_root, progress=rank == 0)
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
-    cfg = SamplerConfig(max_macs=args.max_macs)
+    cfg = SamplerConfig(max_macs=args.max_macs, **SPACES[args.space])
     quant = not args.no_quant
     pool = SpecPool(args.seed, rank, cfg, args.fresh, args.window)
     if args.eval_every and rank == 0:

@@ -27,6 +27,19 @@ class SamplerConfig:
     max_macs: float = 60e6                    # per 32×32 image; keeps a meta-batch affordable on a CPU
     input: tuple[int, int, int] = (3, 32, 32)
     num_classes: int = 10
+    # The rest of the grammar, off by default: the held-out set and every earlier run's draws stay as they were.
+    stem_stride2: float = 0.0                 # chance of a stride-2 stem (ImageNet-style, like torchvision's nets)
+    any_stem_kernel: bool = False             # stem kernel from every size the grammar has (1/3/5/7), not just 3/5
+
+
+# Named training spaces (`meta_train --space`). "cifar": the CIFAR-style space every held-out spec comes from.
+# "grammar": also what the spec grammar allows beyond it — stride-2 stems, 1×1/7×7 stems, stages up to 512
+# wide (the MAC cap narrows a draw; a stride-2 stem leaves room for width) — so GHN-Q sees nets shaped like
+# torchvision's.
+SPACES: dict[str, dict] = {
+    "cifar": {},
+    "grammar": {"stem_stride2": 0.25, "any_stem_kernel": True, "width": (16, 512)},
+}
 
 
 def _round8(x: float) -> int:
@@ -39,7 +52,8 @@ def _draw(rng: random.Random, cfg: SamplerConfig) -> dict:
     spec: dict = {
         "input": list(cfg.input),
         "num_classes": cfg.num_classes,
-        "stem": {"out": width, "kernel": rng.choice([3, 3, 5]), "stride": 1, "act": rng.choice(ACTS[:3])},
+        "stem": {"out": width, "kernel": rng.choice([1, 3, 3, 5, 7, 7] if cfg.any_stem_kernel else [3, 3, 5]),
+                 "stride": 1, "act": rng.choice(ACTS[:3])},
         "stages": [],
         "head": {"hidden": rng.choice([0, 0, 0, 128]), "dropout": 0.0},
     }
@@ -59,6 +73,8 @@ def _draw(rng: random.Random, cfg: SamplerConfig) -> dict:
         elif block == "bottleneck":
             stage["expand"] = rng.choice([0.25, 0.5])
         spec["stages"].append(stage)
+    if cfg.stem_stride2 and rng.random() < cfg.stem_stride2:  # drawn last: with the option off, no draw moves
+        spec["stem"]["stride"] = 2
     return spec
 
 

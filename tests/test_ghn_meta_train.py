@@ -39,6 +39,8 @@ def test_heldout_excluded() -> None:
     held = heldout_specs(5)
     assert len({spec_hash(s) for s in held}) == 5 and heldout_hashes() >= {spec_hash(s) for s in held}
     assert heldout_specs(5) == held  # fixed set
+    # ...and the same set every session's BENCHMARKS figures were measured on (a sampler change must not move it)
+    assert [s["name"] for s in held[:3]] == ["s-695f2798a8", "s-a3f1a14228", "s-d14e9a9589"]
     # A sampler stream that would hit a held-out spec must skip it.
     from ghnq.sampler import sample_spec
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ghnq.data import load_eval_images, to_float
-from ghnq.sampler import SamplerConfig, sample_spec, spec_hash, spec_macs
+from ghnq.sampler import SPACES, SamplerConfig, sample_spec, spec_hash, spec_macs
 from ghnq.spec import (
     TORCHVISION_BUILDERS,
     SpecError,
@@ -267,6 +267,25 @@ def test_sampler_is_seeded_valid_and_capped() -> None:
         assert spec_macs(s) <= 40e6
         blocks |= {st_["block"] for st_ in s["stages"]}
     assert blocks == {"conv", "sep", "mbconv", "basic", "bottleneck"}
+
+
+def test_grammar_space_reaches_beyond_the_cifar_space(batch: torch.Tensor) -> None:
+    """--space grammar: stride-2 stems, 1×1/7×7 stems and stages wider than the cifar space's 192, every draw
+    valid and under the MAC cap; --space cifar draws exactly what the default config draws."""
+    cifar = SamplerConfig(max_macs=40e6, **SPACES["cifar"])
+    assert [sample_spec(random.Random(i), cifar) for i in range(3)] == \
+        [sample_spec(random.Random(i), SamplerConfig(max_macs=40e6)) for i in range(3)]
+    cfg = SamplerConfig(max_macs=40e6, **SPACES["grammar"])
+    specs = [sample_spec(random.Random(i), cfg) for i in range(40)]
+    for s in specs:
+        validate_spec(s)
+        assert spec_macs(s) <= 40e6
+    assert {s["stem"]["stride"] for s in specs} == {1, 2}
+    assert {s["stem"]["kernel"] for s in specs} == {1, 3, 5, 7}
+    assert max(st_["out"] for s in specs for st_ in s["stages"]) > 192
+    strided = next(s for s in specs if s["stem"]["stride"] == 2)
+    with torch.no_grad():
+        assert build_model(strided).eval()(batch[:2]).shape == (2, 10)
 
 
 def test_sampled_spec_runs(batch: torch.Tensor) -> None:
