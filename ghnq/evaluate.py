@@ -35,6 +35,7 @@ from ghnq.cli import UserError, run_cli
 from ghnq.data import interleaved_order, load_cifar10, load_eval_images, to_float
 from ghnq.fakequant import FakeQuantNet, finalize_stats
 from ghnq.fileio import atomic_write_text
+from ghnq.sampler import SPACES
 from ghnq.spec import build_model, load_spec
 
 
@@ -123,10 +124,10 @@ def top1_module(model: nn.Module, wbits: int | None, abits: int | None, calib: n
     return float((codes.argmax(1) == labels).mean())
 
 
-def heldout_specs(n: int) -> list[dict]:
+def heldout_specs(n: int, space: str = "cifar") -> list[dict]:
     from ghnq.meta_train import heldout_specs as _heldout
 
-    return _heldout(n)
+    return _heldout(n, space)
 
 
 def random_params(model: nn.Module, seed: int) -> dict[str, Tensor]:
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ghnq.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", nargs="*", default=[], help="spec.yaml files")
     ap.add_argument("--heldout", type=int, default=0, help="also evaluate the first N held-out sampled specs")
+    ap.add_argument("--heldout-space", choices=sorted(SPACES), default="cifar",
+                    help="which held-out set: cifar (the one every BENCHMARKS figure uses) or grammar (stride-2 "
+                    "and 1x1/7x7 stems, wider stages: nets shaped like torchvision's)")
     ap.add_argument("--bits", default="float,8,4", help="comma list: float, 8 (W8A8), 4 (W4A8), 4a4 (W4A4)")
     ap.add_argument("--images", type=int, default=2000, help="CIFAR-10 test images (fixed interleaved subset)")
     ap.add_argument("--bn-images", type=int, default=512, help="training images for BN re-estimation")
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bits = parse_bits(args.bits)
-    specs = [load_spec(p) for p in args.arch] + heldout_specs(args.heldout)
+    specs = [load_spec(p) for p in args.arch] + heldout_specs(args.heldout, args.heldout_space)
     k, _, n = args.shard.partition("/")
     if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
         raise UserError(f"--shard: got {args.shard!r}; expected K/N with 0 <= K < N, e.g. 1/2")

@@ -62,15 +62,18 @@ CKPT_FORMAT = "ghnq-train/1"
 
 
 @lru_cache(maxsize=4)
-def heldout_specs(n: int) -> list[dict]:
-    """The fixed held-out set: the first n of a seeded sequence of sampled specs (same on every machine).
+def heldout_specs(n: int, space: str = "cifar") -> list[dict]:
+    """The fixed held-out set of a training space (sampler.SPACES): the first n of a seeded sequence of sampled
+    specs (same on every machine). "cifar" is the set every BENCHMARKS figure was measured on.
 
     Cached on disk (keyed by the sampler's source, so a changed sampler redraws them): drawing takes ~0.2 s each.
     """
     import ghnq.sampler
 
+    cfg = SamplerConfig(max_macs=HELDOUT_CONFIG.max_macs, **SPACES[space])
     key = hashlib.sha256(Path(ghnq.sampler.__file__).read_bytes()).hexdigest()[:12]
-    cache = cache_dir() / f"heldout-{HELDOUT_SEED}-{HELDOUT_CONFIG.max_macs:.0f}-{key}.json"
+    tag = "" if space == "cifar" else f"{space}-"
+    cache = cache_dir() / f"heldout-{tag}{HELDOUT_SEED}-{cfg.max_macs:.0f}-{key}.json"
     specs: list[dict] = []
     if cache.exists():
         try:
@@ -78,14 +81,15 @@ def heldout_specs(n: int) -> list[dict]:
         except (OSError, ValueError):
             specs = []
     if len(specs) < n:
-        specs += [sample_spec(random.Random(HELDOUT_SEED + i), HELDOUT_CONFIG) for i in range(len(specs), n)]
+        specs += [sample_spec(random.Random(HELDOUT_SEED + i), cfg) for i in range(len(specs), n)]
         atomic_write_text(cache, json.dumps(specs))
     return specs[:n]
 
 
 @lru_cache(maxsize=1)
 def heldout_hashes() -> frozenset[str]:
-    return frozenset(spec_hash(s) for s in heldout_specs(HELDOUT_MAX))
+    """Never trained on: the held-out specs of every training space."""
+    return frozenset(spec_hash(s) for space in SPACES for s in heldout_specs(HELDOUT_MAX, space))
 
 
 def draw_specs(rng: random.Random, n: int, cfg: SamplerConfig) -> list[dict]:

@@ -41,6 +41,10 @@ def test_heldout_excluded() -> None:
     assert heldout_specs(5) == held  # fixed set
     # ...and the same set every session's BENCHMARKS figures were measured on (a sampler change must not move it)
     assert [s["name"] for s in held[:3]] == ["s-695f2798a8", "s-a3f1a14228", "s-d14e9a9589"]
+    # The grammar space has its own held-out set, also never trained on.
+    wide = heldout_specs(5, "grammar")
+    assert {spec_hash(s) for s in wide}.isdisjoint(spec_hash(s) for s in held)
+    assert heldout_hashes() >= {spec_hash(s) for s in wide}
     # A sampler stream that would hit a held-out spec must skip it.
     from ghnq.sampler import sample_spec
 
