@@ -27,6 +27,8 @@ def read_log(run: Path) -> tuple[dict[int, dict], dict[int, dict]]:
             rec = json.loads(line)
         except ValueError:
             continue  # torn last line of a killed run
+        if "step" not in rec:
+            continue  # the end-of-run DDP sync record
         (evals if "eval" in rec else steps)[rec["step"]] = rec
     return steps, evals
 
