@@ -221,6 +221,7 @@ def shipped_meta(step: int, elapsed: float, args: dict) -> dict:
     """The metadata of every shipped GHN file a run writes (--export, snapshots, OUT/ghnq.pt)."""
     return {"step": step, "elapsed_s": round(elapsed), "quant": not args.get("no_quant", False),
             "bits": args.get("bits"), "meta_batch": args.get("meta_batch"), "batch": args.get("batch"),
+            "ranks": args.get("ranks", 1), "space": args.get("space", "cifar"),  # nets per step: ranks·meta_batch
             "max_macs": args.get("max_macs"), "lr": args.get("lr"), "decay_from": args.get("decay_from"),
             "lr_final": args.get("lr_final"), "gain_decay": args.get("gain_decay"),
             "device": args.get("device"), "heldout_seed": HELDOUT_SEED}
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     # DDP when launched by torchrun: every rank draws different nets, gradients are all-reduced.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    args.ranks = world  # recorded in checkpoints and shipped files: a step trains on ranks × --meta-batch nets
     device = torch.device(args.device)
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -231,6 +231,8 @@ def test_ddp_two_ranks_stay_in_sync(tmp_path: Path) -> None:
     assert sync[0]["ddp_max_param_diff"] == 0.0
     rank0, rank1 = sync[0]["ddp_last_specs"]
     assert set(rank0).isdisjoint(rank1)  # the ranks trained on different architectures
+    shipped = torch.load(tmp_path / "ddp/ghnq.pt", weights_only=True)
+    assert shipped["meta"]["ranks"] == 2 and shipped["meta"]["meta_batch"] == 1  # 2 nets per step in all
 
 
 def test_update_skips_a_non_finite_gradient() -> None:
