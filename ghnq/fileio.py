@@ -52,3 +52,16 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def torch_load(path: str | os.PathLike, what: str, device: Any = "cpu", weights_only: bool = True) -> Any:
+    """torch.load with every way a damaged or foreign file fails (torch raises many exception types for them)
+    turned into one UserError that names the file and what it was meant to be."""
+    import torch
+
+    from ghnq.cli import UserError
+
+    try:
+        return torch.load(path, map_location=device, weights_only=weights_only)
+    except Exception as err:
+        raise UserError(f"{path}: not a readable {what} ({type(err).__name__}: {str(err)[:120]})") from None

@@ -47,7 +47,7 @@ from ghnq.cli import UserError, run_cli
 from ghnq.data import cache_dir, load_cifar10
 from ghnq.evaluate import calibration_images, to_x01, top1_predicted
 from ghnq.fakequant import FakeQuantNet
-from ghnq.fileio import atomic_torch_save, atomic_write_text
+from ghnq.fileio import atomic_torch_save, atomic_write_text, torch_load
 from ghnq.graph import extract_graph
 from ghnq.model import GHNQ, GHNConfig, bits_int, bits_key, collate
 from ghnq.predict import SHIPPED_FORMAT, ghn_from_file_object, save_checkpoint
@@ -72,8 +72,7 @@ def heldout_specs(n: int, space: str = "cifar") -> list[dict]:
 
     cfg = SamplerConfig(max_macs=HELDOUT_CONFIG.max_macs, **SPACES[space])
     key = hashlib.sha256(Path(ghnq.sampler.__file__).read_bytes()).hexdigest()[:12]
-    tag = "" if space == "cifar" else f"{space}-"
-    cache = cache_dir() / f"heldout-{tag}{HELDOUT_SEED}-{cfg.max_macs:.0f}-{key}.json"
+    cache = cache_dir() / f"heldout-{space}-{HELDOUT_SEED}-{cfg.max_macs:.0f}-{key}.json"
     specs: list[dict] = []
     if cache.exists():
         try:
@@ -336,10 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         src = ckpt_path if resuming else Path(args.init)
         if not src.is_file():
             raise UserError(f"--init {src}: no such training checkpoint")
-        try:
-            ck = torch.load(src, map_location=device, weights_only=False)
-        except Exception as err:  # torch raises many types for a damaged or foreign file
-            raise UserError(f"{src}: not a readable checkpoint ({type(err).__name__}: {str(err)[:100]})") from None
+        ck = torch_load(src, "checkpoint", device, weights_only=False)  # a training checkpoint holds RNG state
         if not isinstance(ck, dict):
             raise UserError(f"{src}: holds a {type(ck).__name__}, not a meta-training checkpoint or GHN file")
         if not resuming and ck.get("format") == SHIPPED_FORMAT:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ghnq.cli import UserError, run_cli
-from ghnq.fileio import atomic_torch_save
+from ghnq.fileio import atomic_torch_save, torch_load
 from ghnq.graph import extract_graph
 from ghnq.model import GHNQ, GHNConfig, bits_key, collate
 
@@ -60,11 +60,7 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu") -> GHNQ
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: GHN-Q checkpoint not found")
-    try:
-        obj = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged file
-        raise UserError(f"{path}: not a readable GHN-Q checkpoint ({type(err).__name__}: {str(err)[:100]})") from None
-    return ghn_from_file_object(obj, path, device)
+    return ghn_from_file_object(torch_load(path, "GHN-Q checkpoint", device), path, device)
 
 
 def ghn_from_file_object(obj: object, path: Path, device: str = "cpu") -> GHNQ:

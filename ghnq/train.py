@@ -25,7 +25,7 @@ from torch import nn
 
 from ghnq.cli import UserError, run_cli
 from ghnq.data import interleaved_order, load_cifar10, to_float
-from ghnq.fileio import atomic_torch_save, atomic_write_text
+from ghnq.fileio import atomic_torch_save, atomic_write_text, torch_load
 from ghnq.spec import build_model, load_spec, spec_name
 
 
@@ -68,10 +68,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: weights file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged file
-        raise UserError(f"{path}: not a readable weights file ({type(err).__name__}: {str(err)[:120]})") from None
+    obj = torch_load(path, "weights file")
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: holds no state_dict (expected a dict of tensors, or a checkpoint with 'model')")
