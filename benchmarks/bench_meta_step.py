@@ -59,6 +59,28 @@ def textbook_fq_act(x: torch.Tensor, bits: int | None, lo=None, hi=None) -> torc
     return x + (xq - x).detach()
 
 
+def fixed_work(start: int, steps: int, meta_batch: int, batch: int) -> tuple[list, list[str], torch.Tensor,
+                                                                           torch.Tensor]:
+    """A fixed architecture sequence, the same in every process: (each step's nets, bits, x01, y)."""
+    torch.manual_seed(0)
+    pool = SpecPool(0, 0, SamplerConfig(), 2, 32)
+    nets = [[(n, g) for _, n, g in pool.batch(s, meta_batch, random.Random(s))] for s in range(start, start + steps)]
+    bits = (["8", "4", "float"] * meta_batch)[:meta_batch]
+    # NHWC strides, as the loop's batch (uint8 NHWC images permuted to NCHW)
+    x01 = torch.rand(batch, 32, 32, 3).permute(0, 3, 1, 2)
+    y = torch.randint(0, 10, (batch,))
+    return nets, bits, x01, y
+
+
+def speed_table(times: dict[str, list[float]], base: str) -> str:
+    """Markdown: median seconds per step of each variant and its speed-up over `base`."""
+    ref = statistics.median(times[base])
+    rows = [f"| variant | s/step (median of {len(times[base])}) | speed-up vs {base} |", "|---|---:|---:|"]
+    rows += [f"| {name} | {statistics.median(ts):.2f} | {ref / statistics.median(ts):.2f}x |"
+             for name, ts in times.items()]
+    return "\n".join(rows)
+
+
 VARIANTS = {  # name: (batch_norm_kernel, fq_act, fq_weight)
     "before": ("explicit", textbook_fq_act, textbook_fq_weight),
     "fused-bn": ("native", textbook_fq_act, textbook_fq_weight),
@@ -77,32 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    batches, bits, x01, y = fixed_work(a.start_step, a.steps, a.meta_batch, a.batch)
     torch.manual_seed(0)
     ghn = GHNQ(GHNConfig())
-    pool = SpecPool(0, 0, SamplerConfig(), 2, 32)
-    steps = list(range(a.start_step, a.start_step + a.steps))
-    batches = {s: [(n, g) for _, n, g in pool.batch(s, a.meta_batch, random.Random(s))] for s in steps}
-    bits = (["8", "4", "float"] * a.meta_batch)[:a.meta_batch]
-    # NHWC strides, as the loop's batch (uint8 NHWC images permuted to NCHW)
-    x01 = torch.rand(a.batch, 32, 32, 3).permute(0, 3, 1, 2)
-    y = torch.randint(0, 10, (a.batch,))
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(a.repeat):
         for name, (bn, act, weight) in VARIANTS.items():
             fq.FakeQuantNet.batch_norm_kernel, fq.fq_act, fq.fq_weight = bn, act, weight
             t0 = time.perf_counter()
-            for s in steps:
-                loss, _ = step_loss(ghn, batches[s], bits, x01, y, True, ghn.config.hops)
+            for nets in batches:
+                loss, _ = step_loss(ghn, nets, bits, x01, y, True, ghn.config.hops)
                 ghn.zero_grad(set_to_none=True)
                 loss.backward()
-            times[name].append((time.perf_counter() - t0) / len(steps))
+            times[name].append((time.perf_counter() - t0) / len(batches))
             print(f"repeat {r + 1}/{a.repeat} {name}: {times[name][-1]:.2f} s/step", file=sys.stderr, flush=True)
     fq.FakeQuantNet.batch_norm_kernel, fq.fq_act, fq.fq_weight = "native", NOW_FQ_ACT, NOW_FQ_WEIGHT
-    base = statistics.median(times["before"])
-    print(f"| variant | s/step (median of {a.repeat}) | speed-up vs before |\n|---|---:|---:|")
-    for name, ts in times.items():
-        m = statistics.median(ts)
-        print(f"| {name} | {m:.2f} | {base / m:.2f}x |")
+    print(speed_table(times, "before"))
     print(f"\n{a.meta_batch} nets x {a.batch} images per step, {a.steps} steps from pool step {a.start_step}, "
           f"{a.threads} thread(s)")
     return 0
