@@ -10,6 +10,8 @@ many. Prints a markdown table and writes a box plot (one box per source and bit 
 source after the first, its per-spec difference to the first (mean ± standard error, wins): two GHNs evaluated on
 the same specs and images differ by much less than the spread between specs, so the paired difference is the test.
 `--heldout-only` keeps the sampled held-out specs (names `s-<hash>`) and drops specs/ and torchvision nets.
+`--groups SPACE` adds mean top-1 per shape group of that training space's held-out specs (stem kernel, stride-2
+stem, stages wider than the cifar space's 192, CIFAR-like): where on the grammar a GHN does well or badly.
 """
 
 from __future__ import annotations
@@ -66,6 +68,42 @@ def paired_table(runs: dict[str, dict[str, dict[str, float]]], specs: list[str])
     return "\n".join(lines)
 
 
+def shape_groups(spec: dict) -> list[str]:
+    """The shape groups a sampled spec belongs to (the ways the grammar space reaches beyond the cifar one)."""
+    stem = spec["stem"]
+    wide = max(st["out"] for st in spec["stages"]) > 192
+    stride2 = stem.get("stride", 1) == 2
+    groups = ["all", f"stem {stem['kernel']}x{stem['kernel']}"]
+    groups += ["stride-2 stem"] if stride2 else []
+    groups += ["widest stage > 192"] if wide else []
+    groups += ["CIFAR-like (stem 3/5 at stride 1, stages <= 192)"] if stem["kernel"] in (3, 5) and not (
+        stride2 or wide) else []
+    return groups
+
+
+def group_table(runs: dict[str, dict[str, dict[str, float]]], specs: list[str], space: str) -> str:
+    """Mean top-1 per shape group and source, over the given held-out specs of `space`."""
+    from ghnq.meta_train import HELDOUT_MAX, heldout_specs
+
+    by_name = {s["name"]: s for s in heldout_specs(HELDOUT_MAX, space)}
+    unknown = [s for s in specs if s not in by_name]
+    if unknown:
+        raise SystemExit(f"--groups {space}: {len(unknown)} specs (e.g. {unknown[0]}) are not held-out specs of "
+                         f"the {space} space")
+    members: dict[str, list[str]] = {}
+    for name in specs:
+        for g in shape_groups(by_name[name]):
+            members.setdefault(g, []).append(name)
+    lines = ["", f"| {space} held-out specs, grouped by | parameters | specs | "
+             + " | ".join(BIT_LABELS.values()) + " |", "|---|---|---:|" + "---:|" * len(BIT_LABELS)]
+    for g in sorted(members, key=lambda g: (g != "all", g)):
+        for label, res in runs.items():
+            cells = [f"{statistics.mean(100 * res[s][b] for s in members[g]):.1f}"
+                     if all(b in res[s] for s in members[g]) else "" for b in BIT_LABELS]
+            lines.append(f"| {g} | {label} | {len(members[g])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", metavar="LABEL=FILE")
@@ -74,6 +112,8 @@ def main() -> None:
                     help="compare on the specs every file has (default) or each file's own")
     ap.add_argument("--paired", action="store_true", help="per-spec differences of every source to the first one")
     ap.add_argument("--heldout-only", action="store_true", help="only the sampled held-out specs (s-<hash>)")
+    ap.add_argument("--groups", choices=("cifar", "grammar"), default=None,
+                    help="also mean top-1 per shape group of this space's held-out specs (implies --heldout-only)")
     args = ap.parse_args()
     runs = {}
     for item in args.runs:
@@ -81,7 +121,7 @@ def main() -> None:
         if not file:
             raise SystemExit(f"{item}: expected LABEL=FILE")
         runs[label] = read(Path(file))
-        if args.heldout_only:
+        if args.heldout_only or args.groups:
             runs[label] = {k: v for k, v in runs[label].items() if k.startswith(SAMPLED_NAME_PREFIX)}
     common = set.intersection(*(set(r) for r in runs.values()))
     rows, boxes = [], []
@@ -99,6 +139,8 @@ def main() -> None:
     print("\n".join(rows))
     if args.paired:
         print(paired_table(runs, sorted(common)))
+    if args.groups:
+        print(group_table(runs, sorted(common), args.groups))
     if args.png:
         fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(boxes)), 4))
         ax.boxplot([v for _, v in boxes], showmeans=True)
