@@ -39,20 +39,21 @@ def main() -> None:
     ap.add_argument("-o", "--out", default="benchmarks/ghnq_curve.png")
     args = ap.parse_args()
     fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(16, 4))
-    for run in map(Path, args.runs):
+    for i, run in enumerate(map(Path, args.runs)):
+        color = f"C{i % 10}"  # one color per run, one line style per bit width
         steps, evals = read_log(run)
         xs = sorted(steps)
         window = 20
         losses = [steps[s]["loss"] for s in xs]
         smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
                   for i in range(len(losses))]
-        ax2.plot(xs, smooth, label=f"{run.name} (mean of {window})")
+        ax2.plot(xs, smooth, color=color, label=f"{run.name} (mean of {window})")
         es = sorted(evals)
         for key, style in (("float", "-o"), ("8", "--s"), ("4", ":^")):
             label = f"{run.name} {'float' if key == 'float' else 'W' + key + 'A8'}"
             top1 = [100 * evals[s]["eval"][key] for s in es]
-            ax1.plot(es, top1, style, label=label)
-            ax3.plot([evals[s]["elapsed"] / 3600 for s in es], top1, style, label=label)
+            ax1.plot(es, top1, style, color=color, label=label)
+            ax3.plot([evals[s]["elapsed"] / 3600 for s in es], top1, style, color=color, label=label)
         for s in es:
             e = evals[s]
             print(json.dumps({"run": run.name, "step": s, "hours": round(e["elapsed"] / 3600, 2),

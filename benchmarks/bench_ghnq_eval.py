@@ -120,6 +120,8 @@ def main() -> None:
         label, _, file = item.partition("=")
         if not file:
             raise SystemExit(f"{item}: expected LABEL=FILE")
+        if not Path(file).is_file():
+            raise SystemExit(f"{item}: no such file {file}")
         runs[label] = read(Path(file))
         if args.heldout_only or args.groups:
             runs[label] = {k: v for k, v in runs[label].items() if k.startswith(SAMPLED_NAME_PREFIX)}

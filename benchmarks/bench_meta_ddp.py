@@ -46,12 +46,16 @@ def share(items: list, rank: int, world: int) -> list:
 
 def time_steps(model: torch.nn.Module, ghn: GHNQ, opt: torch.optim.Optimizer, work: tuple, rank: int,
                world: int) -> float:
+    """Seconds per step over the fixed steps, after one untimed pass over the same steps: every variant's
+    process then has its kernels' one-time set-up (oneDNN primitives per conv shape, allocator pools) behind it,
+    also the DDP ranks, which are new processes in every repeat."""
     nets, bits, x01, y = work
-    t0 = time.perf_counter()
-    for step_nets in nets:
-        loss, _ = step_loss(model, share(step_nets, rank, world), share(bits, rank, world), x01, y, True,
-                            ghn.config.hops)
-        update(ghn, opt, loss)
+    for _pass in ("warm-up", "timed"):  # only the last pass is returned
+        t0 = time.perf_counter()
+        for step_nets in nets:
+            loss, _ = step_loss(model, share(step_nets, rank, world), share(bits, rank, world), x01, y, True,
+                                ghn.config.hops)
+            update(ghn, opt, loss)
     return (time.perf_counter() - t0) / len(nets)
 
 
@@ -89,7 +93,7 @@ def ddp_rank(rank: int, world: int, port: str, args: argparse.Namespace, result:
         grad = first_gradient(model, ghn, work, rank, world)  # DDP's all-reduced average
         opt = torch.optim.Adam(ghn.parameters(), lr=1e-4)
         dist.barrier()
-        sec = time_steps(model, ghn, opt, work, rank, world)
+        sec = time_steps(model, ghn, opt, work, rank, world)  # the ranks start each step together (all-reduce)
         if rank == 0:
             result["sec"], result["grad"] = sec, grad
     finally:
@@ -131,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             err = (gradd - grad1).abs().max().item() / grad1.abs().max().item()
             print(f"DDP vs one-process gradient of the whole meta-batch: max relative difference {err:.1e}",
                   file=sys.stderr)
-            if err > 1e-2:  # float32 summation order alone gives ~1e-4 (measured); a wrong split gives ~1e-1
+            # measured, 8 nets x 64 images: 3e-3 across ranks (float32 summation order), 0.75 when both
+            # ranks take the same 4 nets
+            if err > 1e-2:
                 raise SystemExit(f"DDP gradient differs from the one-process gradient ({err:.1e}): not the same work")
         for n, s in zip(names, (sec1, secn, secd), strict=True):
             times[n].append(s)
