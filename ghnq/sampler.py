@@ -30,15 +30,22 @@ class SamplerConfig:
     # The rest of the grammar, off by default: the held-out set and every earlier run's draws stay as they were.
     stem_stride2: float = 0.0                 # chance of a stride-2 stem (ImageNet-style, like torchvision's nets)
     any_stem_kernel: bool = False             # stem kernel from every size the grammar has (1/3/5/7), not just 3/5
+    head_hidden: tuple[int, ...] = (0, 0, 0, 128)  # hidden width of the classifier head (0: a single linear layer)
+    geometric_widths: bool = False            # widths grow geometrically (×(hi/lo) over the net), not linearly
 
 
 # Named training spaces (`meta_train --space`). "cifar": the CIFAR-style space every held-out spec comes from.
 # "grammar": also what the spec grammar allows beyond it — stride-2 stems, 1×1/7×7 stems, stages up to 512
 # wide (the MAC cap narrows a draw; a stride-2 stem leaves room for width) — so GHN-Q sees nets shaped like
-# torchvision's.
+# torchvision's. "deep": the grammar space made deeper — up to 7 stages of up to 4 blocks, so up to ~60 layers
+# like torchvision's mobile nets (the other spaces stop near 35) — with widths growing geometrically towards
+# 1280 (as in mobile nets; under the MAC cap only depthwise-heavy or low-resolution stages stay that wide),
+# 1024/1280-wide heads, and a stride-2 stem on every second net.
 SPACES: dict[str, dict] = {
     "cifar": {},
     "grammar": {"stem_stride2": 0.25, "any_stem_kernel": True, "width": (16, 512)},
+    "deep": {"stem_stride2": 0.5, "any_stem_kernel": True, "width": (16, 1280), "stages": (2, 7),
+             "repeat": (1, 4), "head_hidden": (0, 0, 0, 128, 1024, 1280), "geometric_widths": True},
 }
 
 
@@ -55,13 +62,18 @@ def _draw(rng: random.Random, cfg: SamplerConfig) -> dict:
         "stem": {"out": width, "kernel": rng.choice([1, 3, 3, 5, 7, 7] if cfg.any_stem_kernel else [3, 3, 5]),
                  "stride": 1, "act": rng.choice(ACTS[:3])},
         "stages": [],
-        "head": {"hidden": rng.choice([0, 0, 0, 128]), "dropout": 0.0},
+        "head": {"hidden": rng.choice(cfg.head_hidden), "dropout": 0.0},
     }
     lo, hi = cfg.width
     for i in range(n_stages):
         # Widths grow with depth, like every hand-designed CNN.
         frac = (i + 1) / n_stages
-        width = _round8(min(hi, max(lo, rng.uniform(lo + (hi - lo) * frac * 0.3, lo + (hi - lo) * frac))))
+        if cfg.geometric_widths:
+            # Like mobile nets (16, 24, 32, 64, 96, 160, 320, 1280): narrow where the maps are large, wide where
+            # they are small, so the MAC cap narrows a draw less than linear growth to 1280 would.
+            width = _round8(min(hi, lo * (hi / lo) ** (frac * rng.uniform(0.6, 1.0))))
+        else:
+            width = _round8(min(hi, max(lo, rng.uniform(lo + (hi - lo) * frac * 0.3, lo + (hi - lo) * frac))))
         block = rng.choice(BLOCKS)
         stage: dict = {"block": block, "out": width, "kernel": rng.choice([1, 3, 3, 3, 5, 7]) if block == "conv"
                        else rng.choice([3, 3, 5, 7]),

@@ -43,8 +43,11 @@ def test_heldout_excluded() -> None:
     assert [s["name"] for s in held[:3]] == ["s-695f2798a8", "s-a3f1a14228", "s-d14e9a9589"]
     # The grammar space has its own held-out set, also never trained on.
     wide = heldout_specs(5, "grammar")
-    assert {spec_hash(s) for s in wide}.isdisjoint(spec_hash(s) for s in held)
-    assert heldout_hashes() >= {spec_hash(s) for s in wide}
+    assert [s["name"] for s in wide[:3]] == ["s-fea96758d9", "s-1ff486d850", "s-0f23216c53"]  # session 9's set
+    deep = heldout_specs(5, "deep")
+    for other in (wide, deep):
+        assert {spec_hash(s) for s in other}.isdisjoint(spec_hash(s) for s in held)
+        assert heldout_hashes() >= {spec_hash(s) for s in other}
     # A sampler stream that would hit a held-out spec must skip it.
     from ghnq.sampler import sample_spec
 

@@ -288,6 +288,29 @@ def test_grammar_space_reaches_beyond_the_cifar_space(batch: torch.Tensor) -> No
         assert build_model(strided).eval()(batch[:2]).shape == (2, 10)
 
 
+def test_deep_space_reaches_torchvision_depth_and_width(batch: torch.Tensor) -> None:
+    """--space deep: nets as deep as torchvision's mobile nets (the grammar space never passes ~35 layers),
+    some stages wider than 512, 1024/1280-wide heads; every draw valid and under the MAC cap."""
+    cap = 25e6
+    grammar = [sample_spec(random.Random(i), SamplerConfig(max_macs=cap, **SPACES["grammar"])) for i in range(40)]
+    deep = [sample_spec(random.Random(i), SamplerConfig(max_macs=cap, **SPACES["deep"])) for i in range(40)]
+
+    def layers(spec: dict) -> int:
+        with torch.device("meta"):
+            return summarize(build_model(spec), spec["input"])["layers"]
+
+    for s in deep:
+        validate_spec(s)
+        assert spec_macs(s) <= cap
+    assert max(layers(s) for s in deep) >= 50 > max(layers(s) for s in grammar)
+    assert max(st_["out"] for s in deep for st_ in s["stages"]) > 512
+    assert {s["head"]["hidden"] for s in deep} >= {0, 128, 1024, 1280}
+    assert max(len(s["stages"]) for s in deep) == 7 and max(st_["repeat"] for s in deep for st_ in s["stages"]) == 4
+    deepest = max(deep, key=layers)
+    with torch.no_grad():
+        assert build_model(deepest).eval()(batch[:2]).shape == (2, 10)
+
+
 def test_sampled_spec_runs(batch: torch.Tensor) -> None:
     spec = sample_spec(random.Random(123))
     with torch.no_grad():
