@@ -19,9 +19,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def read_log(run: Path) -> tuple[dict[int, dict], dict[int, dict]]:
+def read_log(run: Path) -> tuple[dict[int, dict], dict[str, dict[int, dict]]]:
+    """The run's step records by step, and its evaluation records by held-out space, then step (a line without
+    `eval_space` predates --eval-space: it was the cifar set)."""
     steps: dict[int, dict] = {}
-    evals: dict[int, dict] = {}
+    evals: dict[str, dict[int, dict]] = {}
     for line in (run / "log.jsonl").read_text().splitlines():
         try:
             rec = json.loads(line)
@@ -29,7 +31,10 @@ def read_log(run: Path) -> tuple[dict[int, dict], dict[int, dict]]:
             continue  # torn last line of a killed run
         if "step" not in rec:
             continue  # the end-of-run DDP sync record
-        (evals if "eval" in rec else steps)[rec["step"]] = rec
+        if "eval" in rec:
+            evals.setdefault(rec.get("eval_space", "cifar"), {})[rec["step"]] = rec
+        else:
+            steps[rec["step"]] = rec
     return steps, evals
 
 
@@ -48,17 +53,20 @@ def main() -> None:
         smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
                   for i in range(len(losses))]
         ax2.plot(xs, smooth, color=color, label=f"{run.name} (mean of {window})")
-        es = sorted(evals)
-        for key, style in (("float", "-o"), ("8", "--s"), ("4", ":^")):
-            label = f"{run.name} {'float' if key == 'float' else 'W' + key + 'A8'}"
-            top1 = [100 * evals[s]["eval"][key] for s in es]
-            ax1.plot(es, top1, style, color=color, label=label)
-            ax3.plot([evals[s]["elapsed"] / 3600 for s in es], top1, style, color=color, label=label)
-        for s in es:
-            e = evals[s]
-            print(json.dumps({"run": run.name, "step": s, "hours": round(e["elapsed"] / 3600, 2),
-                              "nets": e["eval_nets"], "images": e["eval_images"],
-                              **{k: round(v, 4) for k, v in e["eval"].items()}}))
+        for space, by_step in sorted(evals.items()):
+            es = sorted(by_step)
+            name = run.name if space == "cifar" else f"{run.name} [{space} held-out]"
+            for key, style in (("float", "-o"), ("8", "--s"), ("4", ":^")):
+                label = f"{name} {'float' if key == 'float' else 'W' + key + 'A8'}"
+                top1 = [100 * by_step[s]["eval"][key] for s in es]
+                ax1.plot(es, top1, style, color=color, label=label, alpha=1.0 if space == "cifar" else 0.5)
+                ax3.plot([by_step[s]["elapsed"] / 3600 for s in es], top1, style, color=color, label=label,
+                         alpha=1.0 if space == "cifar" else 0.5)
+            for s in es:
+                e = by_step[s]
+                print(json.dumps({"run": run.name, "space": space, "step": s, "hours": round(e["elapsed"] / 3600, 2),
+                                  "nets": e["eval_nets"], "images": e["eval_images"],
+                                  **{k: round(v, 4) for k, v in e["eval"].items()}}))
     ax1.axhline(10, color="gray", lw=0.8, ls="--")  # chance
     ax1.set_ylim(0, max(30.0, ax1.get_ylim()[1]))
     ax1.set_xlabel("meta-training step")

@@ -186,12 +186,13 @@ def step_loss(ghn: nn.Module, nets: list[tuple[FakeQuantNet, object]], bits: lis
 
 
 def evaluate_heldout(ghn: GHNQ, n_nets: int, calib: torch.Tensor, test: torch.Tensor, labels: torch.Tensor,
-                     quant: bool, hops: int) -> dict:
-    """Mean held-out top-1 per bit width (small, in-loop; ghnq.evaluate does the full sweep)."""
+                     quant: bool, hops: int, space: str = "cifar") -> dict:
+    """Mean held-out top-1 per bit width over the first n_nets held-out specs of `space` (small, in-loop;
+    ghnq.evaluate does the full sweep)."""
     ghn.eval()
     res: dict[str, list[float]] = {"float": [], "8": [], "4": [], "4a4": []}
     with torch.no_grad():
-        for spec in heldout_specs(n_nets):
+        for spec in heldout_specs(n_nets, space):
             model = build_model(spec)
             net, graph = FakeQuantNet(model), extract_graph(model)
             batch = collate([graph], hops).to(calib.device)
@@ -282,12 +283,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="penalty on the decoder's squared log-gains (keeps BN-hidden scales from drifting; 0: off)")
     ap.add_argument("--no-quant", action="store_true", help="ablation: train without quantization in the loop")
     ap.add_argument("--space", choices=sorted(SPACES), default="cifar",
-                    help="training space: cifar (where the held-out specs come from) or grammar (also stride-2 "
-                    "and 1×1/7×7 stems, stages up to 512 wide: nets shaped like torchvision's)")
+                    help="training space: cifar (where the held-out specs come from), grammar (also stride-2 "
+                    "and 1×1/7×7 stems, stages up to 512 wide: nets shaped like torchvision's) or deep (grammar "
+                    "with up to 7 stages × 4 blocks, ~60 layers like torchvision's mobile nets, widths to 1280)")
     ap.add_argument("--max-macs", type=float, default=HELDOUT_CONFIG.max_macs, help="cap per sampled net")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--checkpoint-every", type=float, default=180, help="seconds between checkpoints")
     ap.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0: none)")
+    ap.add_argument("--eval-space", choices=sorted(SPACES), default="cifar",
+                    help="whose held-out nets --eval-every evaluates (default cifar: every earlier run's curve used "
+                    "it, so runs stay comparable; each evaluation line records its space)")
     ap.add_argument("--eval-nets", type=int, default=8)
     ap.add_argument("--eval-images", type=int, default=500)
     ap.add_argument("--export", default=None, metavar="FILE",
@@ -422,8 +427,10 @@ def main(argv: list[str] | None = None) -> int:
              "bits": bits, "lr": lr, "sec": round(dt, 2), "elapsed": round(elapsed, 1), "time": time.time()})
         if args.eval_every and step % args.eval_every == 0 and rank == 0:
             te = time.time()
-            res = evaluate_heldout(ghn, args.eval_nets, calib, test_x, test_y, quant, ghn.config.hops)
-            log({"step": step, "eval": res, "eval_nets": args.eval_nets, "eval_images": len(test_x),
+            res = evaluate_heldout(ghn, args.eval_nets, calib, test_x, test_y, quant, ghn.config.hops,
+                                   args.eval_space)
+            log({"step": step, "eval": res, "eval_space": args.eval_space, "eval_nets": args.eval_nets,
+                 "eval_images": len(test_x),
                  "eval_sec": round(time.time() - te, 1), "elapsed": round(elapsed, 1), "time": time.time()})
             save_checkpoint(out / "snapshots" / f"step-{step:06d}.pt", ghn, shipped_meta(step, elapsed, vars(args)))
         if time.time() - last_ckpt >= args.checkpoint_every:

@@ -215,6 +215,33 @@ def test_init_fine_tunes_from_another_run_with_4a4(tmp_path: Path) -> None:
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_in_loop_evaluation_follows_eval_space_and_the_curve_keeps_spaces_apart(tmp_path: Path) -> None:
+    """--eval-space picks whose held-out nets the in-loop evaluation uses; each evaluation line names its space,
+    and the curve benchmark keeps the spaces apart (a line without the field is the cifar set, as before)."""
+    from benchmarks.bench_ghnq_curve import read_log
+
+    args = [sys.executable, "-m", "ghnq.meta_train", "--meta-batch", "1", "--batch", "8", "--max-macs", "2e6",
+            "--hidden", "16", "--threads", "1", "--checkpoint-every", "0", "--eval-every", "1", "--eval-nets", "1",
+            "--eval-images", "16", "--space", "deep"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = tmp_path / "run"
+    subprocess.run(args + ["--steps", "1", "--eval-space", "deep", "--out", str(run)], check=True, cwd=ROOT, env=env,
+                   capture_output=True)
+    evals = [r for r in _log(run / "log.jsonl") if "eval" in r]
+    assert [(r["step"], r["eval_space"], r["eval_nets"]) for r in evals] == [(1, "deep", 1)]
+    assert set(evals[0]["eval"]) == {"float", "8", "4", "4a4"}
+    assert all(0.0 <= v <= 1.0 for v in evals[0]["eval"].values())
+    # an older run's evaluation line (no eval_space) reads as the cifar set
+    with open(run / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 0, "eval": {"float": 0.1}, "eval_nets": 1, "eval_images": 16,
+                            "elapsed": 0.0}) + "\n")
+    steps, by_space = read_log(run)
+    assert sorted(steps) == [1] and {k: sorted(v) for k, v in by_space.items()} == {"cifar": [0], "deep": [1]}
+    r = subprocess.run(args + ["--steps", "1", "--eval-space", "imagenet", "--out", str(tmp_path / "bad")],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "--eval-space" in r.stderr and "deep" in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (default_data_root() / "train").is_dir(), reason="CIFAR-10 not present")
 def test_ddp_two_ranks_stay_in_sync(tmp_path: Path) -> None:
