@@ -26,6 +26,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ghnq.sampler import SAMPLED_NAME_PREFIX  # noqa: E402
@@ -69,13 +70,22 @@ def paired_table(runs: dict[str, dict[str, dict[str, float]]], specs: list[str])
 
 
 def shape_groups(spec: dict) -> list[str]:
-    """The shape groups a sampled spec belongs to (the ways the grammar space reaches beyond the cifar one)."""
+    """The shape groups a sampled spec belongs to (the ways the grammar and deep spaces reach beyond the cifar
+    one; the cifar and grammar spaces never draw more than ~35 layers or stages wider than 512)."""
+    from ghnq.spec import build_model, summarize
+
     stem = spec["stem"]
-    wide = max(st["out"] for st in spec["stages"]) > 192
+    widest = max(st["out"] for st in spec["stages"])
+    wide = widest > 192
     stride2 = stem.get("stride", 1) == 2
+    with torch.device("meta"):
+        layers = summarize(build_model(spec), spec["input"])["layers"]
     groups = ["all", f"stem {stem['kernel']}x{stem['kernel']}"]
     groups += ["stride-2 stem"] if stride2 else []
     groups += ["widest stage > 192"] if wide else []
+    groups += ["widest stage > 512"] if widest > 512 else []
+    groups += ["deeper than 35 layers"] if layers > 35 else []
+    groups += ["deeper than 50 layers"] if layers > 50 else []
     groups += ["CIFAR-like (stem 3/5 at stride 1, stages <= 192)"] if stem["kernel"] in (3, 5) and not (
         stride2 or wide) else []
     return groups
