@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ghnq.sampler import SAMPLED_NAME_PREFIX  # noqa: E402
+from ghnq.sampler import SAMPLED_NAME_PREFIX, SPACES  # noqa: E402
 
 BIT_LABELS = {"float": "float", "8": "W8A8", "4": "W4A8", "4a4": "W4A4"}
 
@@ -122,7 +122,7 @@ def main() -> None:
                     help="compare on the specs every file has (default) or each file's own")
     ap.add_argument("--paired", action="store_true", help="per-spec differences of every source to the first one")
     ap.add_argument("--heldout-only", action="store_true", help="only the sampled held-out specs (s-<hash>)")
-    ap.add_argument("--groups", choices=("cifar", "grammar"), default=None,
+    ap.add_argument("--groups", choices=sorted(SPACES), default=None,
                     help="also mean top-1 per shape group of this space's held-out specs (implies --heldout-only)")
     args = ap.parse_args()
     runs = {}

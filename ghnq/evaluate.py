@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", nargs="*", default=[], help="spec.yaml files")
     ap.add_argument("--heldout", type=int, default=0, help="also evaluate the first N held-out sampled specs")
     ap.add_argument("--heldout-space", choices=sorted(SPACES), default="cifar",
-                    help="which held-out set: cifar (the one every BENCHMARKS figure uses) or grammar (stride-2 "
-                    "and 1x1/7x7 stems, wider stages: nets shaped like torchvision's)")
+                    help="which held-out set: cifar (the one every BENCHMARKS figure uses), grammar (stride-2 "
+                    "and 1x1/7x7 stems, wider stages: nets shaped like torchvision's) or deep (up to 7 stages x 4 "
+                    "blocks, ~60 layers, like torchvision's mobile nets)")
     ap.add_argument("--bits", default="float,8,4", help="comma list: float, 8 (W8A8), 4 (W4A8), 4a4 (W4A4)")
     ap.add_argument("--images", type=int, default=2000, help="CIFAR-10 test images (fixed interleaved subset)")
     ap.add_argument("--bn-images", type=int, default=512, help="training images for BN re-estimation")
