@@ -71,7 +71,7 @@ def paired_table(runs: dict[str, dict[str, dict[str, float]]], specs: list[str])
 
 def shape_groups(spec: dict) -> list[str]:
     """The shape groups a sampled spec belongs to (the ways the grammar and deep spaces reach beyond the cifar
-    one; the cifar and grammar spaces never draw more than ~35 layers or stages wider than 512)."""
+    one; the cifar and grammar spaces rarely draw more than 35 layers and never stages wider than 512)."""
     from ghnq.spec import build_model, summarize
 
     stem = spec["stem"]
