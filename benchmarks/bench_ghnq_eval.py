@@ -26,10 +26,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ghnq.sampler import SAMPLED_NAME_PREFIX, SPACES  # noqa: E402
+from ghnq.sampler import SAMPLED_NAME_PREFIX, SPACES, spec_summary  # noqa: E402
 
 BIT_LABELS = {"float": "float", "8": "W8A8", "4": "W4A8", "4a4": "W4A4"}
 
@@ -72,14 +71,11 @@ def paired_table(runs: dict[str, dict[str, dict[str, float]]], specs: list[str])
 def shape_groups(spec: dict) -> list[str]:
     """The shape groups a sampled spec belongs to (the ways the grammar and deep spaces reach beyond the cifar
     one; the cifar and grammar spaces rarely draw more than 35 layers and never stages wider than 512)."""
-    from ghnq.spec import build_model, summarize
-
     stem = spec["stem"]
     widest = max(st["out"] for st in spec["stages"])
     wide = widest > 192
     stride2 = stem.get("stride", 1) == 2
-    with torch.device("meta"):
-        layers = summarize(build_model(spec), spec["input"])["layers"]
+    layers = spec_summary(spec)["layers"]
     groups = ["all", f"stem {stem['kernel']}x{stem['kernel']}"]
     groups += ["stride-2 stem"] if stride2 else []
     groups += ["widest stage > 192"] if wide else []

@@ -90,11 +90,17 @@ def _draw(rng: random.Random, cfg: SamplerConfig) -> dict:
     return spec
 
 
-def spec_macs(spec: dict) -> int:
-    """MACs of one image, computed on the meta device (no memory, no arithmetic)."""
+def spec_summary(spec: dict) -> dict:
+    """`ghnq.spec.summarize` of a grammar spec (layers, parameters, MACs of one image), computed on the meta
+    device: no memory, no arithmetic."""
     with torch.device("meta"):
         model = build_model(spec)
-    return summarize(model, spec["input"])["macs"]
+    return summarize(model, spec["input"])
+
+
+def spec_macs(spec: dict) -> int:
+    """MACs of one image (the sampler's budget)."""
+    return spec_summary(spec)["macs"]
 
 
 def _shrink(spec: dict, factor: float) -> dict:
