@@ -114,16 +114,19 @@ class SpecPool:
 
     Sampling a spec (MAC check) and tracing it cost ~0.2 s on this CPU, a large share of a step at 8 nets
     per step, so each drawn net serves ~meta_batch·window/(fresh·window)... several steps. The pool at step t
-    is a pure function of (seed, rank, t): resuming rebuilds it exactly.
+    is a pure function of (seed, rank, t): resuming rebuilds it exactly. With several spaces (a list of configs)
+    the new nets take turns between them, so every step's pool holds each space in equal shares.
     """
 
-    def __init__(self, seed: int, rank: int, cfg: SamplerConfig, fresh: int, window: int):
-        self.seed, self.rank, self.cfg, self.fresh, self.window = seed, rank, cfg, fresh, window
+    def __init__(self, seed: int, rank: int, cfg: SamplerConfig | list[SamplerConfig], fresh: int, window: int):
+        self.cfgs = cfg if isinstance(cfg, list) else [cfg]
+        self.seed, self.rank, self.fresh, self.window = seed, rank, fresh, window
         self.cache: dict[tuple[int, int], tuple[dict, FakeQuantNet, object]] = {}
 
     def _get(self, s: int, j: int) -> tuple[dict, FakeQuantNet, object]:
         if (s, j) not in self.cache:
-            spec = draw_specs(random.Random(f"{self.seed}-{self.rank}-{s}-{j}"), 1, self.cfg)[0]
+            cfg = self.cfgs[(s * self.fresh + j) % len(self.cfgs)]  # one space: the draws of every earlier run
+            spec = draw_specs(random.Random(f"{self.seed}-{self.rank}-{s}-{j}"), 1, cfg)[0]
             self.cache[(s, j)] = (spec, *meta_net(spec))
         return self.cache[(s, j)]
 
@@ -132,6 +135,16 @@ class SpecPool:
             del self.cache[key]
         keys = [(s, j) for s in range(max(0, step - self.window + 1), step + 1) for j in range(self.fresh)]
         return [self._get(*k) for k in rng.sample(keys, min(n, len(keys)))]
+
+
+def parse_space(text: str, max_macs: float) -> list[SamplerConfig]:
+    """--space: one training space (sampler.SPACES) or a mixture "a+b" whose nets take turns in the pool."""
+    names = [t.strip() for t in text.split("+")]
+    for name in names:
+        if name not in SPACES:
+            raise UserError(f"--space {text!r}: unknown space {name!r}; allowed: {', '.join(sorted(SPACES))}, "
+                            "or several joined by '+' (a mixture)")
+    return [SamplerConfig(max_macs=max_macs, **SPACES[name]) for name in names]
 
 
 def parse_train_bits(text: str) -> list[str]:
@@ -282,10 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gain-decay", type=float, default=1e-2,
                     help="penalty on the decoder's squared log-gains (keeps BN-hidden scales from drifting; 0: off)")
     ap.add_argument("--no-quant", action="store_true", help="ablation: train without quantization in the loop")
-    ap.add_argument("--space", choices=sorted(SPACES), default="cifar",
+    ap.add_argument("--space", default="cifar",
                     help="training space: cifar (where the held-out specs come from), grammar (also stride-2 "
                     "and 1×1/7×7 stems, stages up to 512 wide: nets shaped like torchvision's) or deep (grammar "
-                    "with up to 7 stages × 4 blocks, ~60 layers like torchvision's mobile nets, widths to 1280)")
+                    "with up to 7 stages × 4 blocks, ~60 layers like torchvision's mobile nets, widths to 1280); "
+                    "a mixture such as cifar+deep draws its new nets from each in turn")
     ap.add_argument("--max-macs", type=float, default=HELDOUT_CONFIG.max_macs, help="cap per sampled net")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--checkpoint-every", type=float, default=180, help="seconds between checkpoints")
@@ -307,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bits_choices = parse_train_bits(args.bits)
+    space_cfgs = parse_space(args.space, args.max_macs)
     if args.no_quant:
         bits_choices = ["float"]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -373,9 +388,8 @@ def main(argv: list[str] | None = None) -> int:
 
     images, labels = load_cifar10("train", args.data_root, progress=rank == 0)
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
-    cfg = SamplerConfig(max_macs=args.max_macs, **SPACES[args.space])
     quant = not args.no_quant
-    pool = SpecPool(args.seed, rank, cfg, args.fresh, args.window)
+    pool = SpecPool(args.seed, rank, space_cfgs, args.fresh, args.window)
     if args.eval_every and rank == 0:
         calib = calibration_images(256, args.data_root).to(device)
         test_imgs, test_labels = load_cifar10("test", args.data_root, progress=False)

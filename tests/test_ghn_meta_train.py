@@ -20,12 +20,14 @@ from ghnq.data import default_data_root, load_sample
 from ghnq.evaluate import to_x01
 from ghnq.meta_train import (
     HELDOUT_CONFIG,
+    SpecPool,
     draw_specs,
     heldout_hashes,
     heldout_specs,
     learning_rate,
     log_gains,
     meta_net,
+    parse_space,
     step_loss,
     update,
 )
@@ -240,6 +242,28 @@ def test_in_loop_evaluation_follows_eval_space_and_the_curve_keeps_spaces_apart(
     r = subprocess.run(args + ["--steps", "1", "--eval-space", "imagenet", "--out", str(tmp_path / "bad")],
                        cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "--eval-space" in r.stderr and "deep" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_space_mixture_takes_turns_and_one_space_draws_as_before(tmp_path: Path) -> None:
+    """--space a+b: the pool's new nets take turns between the spaces (each the very net that space alone would
+    have drawn in that slot); a single space draws exactly what every earlier run drew; a bad name is refused."""
+    def names(pool: SpecPool, step: int) -> list[str]:
+        return [pool._get(step, j)[0]["name"] for j in range(2)]
+
+    mixed = SpecPool(0, 1, parse_space("cifar+deep", 2e6), 2, 4)
+    cifar = SpecPool(0, 1, SamplerConfig(max_macs=2e6), 2, 4)  # how runs before mixtures built their pool
+    deep = SpecPool(0, 1, parse_space("deep", 2e6), 2, 4)
+    for step in (0, 3):
+        assert names(mixed, step) == [names(cifar, step)[0], names(deep, step)[1]]
+    assert names(SpecPool(0, 1, parse_space("cifar", 2e6), 2, 4), 3) == names(cifar, 3)
+    assert len({spec["name"] for spec, _, _ in mixed.batch(3, 8, random.Random(0))}) == 8
+    with pytest.raises(Exception, match=r"--space 'cifar\+wide': unknown space 'wide'; allowed: cifar, deep"):
+        parse_space("cifar+wide", 2e6)
+    r = subprocess.run([sys.executable, "-m", "ghnq.meta_train", "--space", "cifar+", "--steps", "1", "--out",
+                        str(tmp_path / "bad")], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "--space 'cifar+'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow
