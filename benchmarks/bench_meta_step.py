@@ -63,7 +63,7 @@ def fixed_work(start: int, steps: int, meta_batch: int, batch: int) -> tuple[lis
                                                                            torch.Tensor]:
     """A fixed architecture sequence, the same in every process: (each step's nets, bits, x01, y)."""
     torch.manual_seed(0)
-    pool = SpecPool(0, 0, SamplerConfig(), 2, 32)
+    pool = SpecPool(0, 0, [SamplerConfig()], 2, 32)
     nets = [[(n, g) for _, n, g in pool.batch(s, meta_batch, random.Random(s))] for s in range(start, start + steps)]
     bits = (["8", "4", "float"] * meta_batch)[:meta_batch]
     # NHWC strides, as the loop's batch (uint8 NHWC images permuted to NCHW)

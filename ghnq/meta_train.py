@@ -114,13 +114,12 @@ class SpecPool:
 
     Sampling a spec (MAC check) and tracing it cost ~0.2 s on this CPU, a large share of a step at 8 nets
     per step, so each drawn net serves ~meta_batch·window/(fresh·window)... several steps. The pool at step t
-    is a pure function of (seed, rank, t): resuming rebuilds it exactly. With several spaces (a list of configs)
-    the new nets take turns between them, so every step's pool holds each space in equal shares.
+    is a pure function of (seed, rank, t): resuming rebuilds it exactly. With several spaces (`cfgs`, one config
+    per space) the new nets take turns between them, so every step's pool holds each space in equal shares.
     """
 
-    def __init__(self, seed: int, rank: int, cfg: SamplerConfig | list[SamplerConfig], fresh: int, window: int):
-        self.cfgs = cfg if isinstance(cfg, list) else [cfg]
-        self.seed, self.rank, self.fresh, self.window = seed, rank, fresh, window
+    def __init__(self, seed: int, rank: int, cfgs: list[SamplerConfig], fresh: int, window: int):
+        self.seed, self.rank, self.cfgs, self.fresh, self.window = seed, rank, cfgs, fresh, window
         self.cache: dict[tuple[int, int], tuple[dict, FakeQuantNet, object]] = {}
 
     def _get(self, s: int, j: int) -> tuple[dict, FakeQuantNet, object]:

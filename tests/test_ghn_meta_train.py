@@ -251,11 +251,14 @@ def test_space_mixture_takes_turns_and_one_space_draws_as_before(tmp_path: Path)
         return [pool._get(step, j)[0]["name"] for j in range(2)]
 
     mixed = SpecPool(0, 1, parse_space("cifar+deep", 2e6), 2, 4)
-    cifar = SpecPool(0, 1, SamplerConfig(max_macs=2e6), 2, 4)  # how runs before mixtures built their pool
+    cifar = SpecPool(0, 1, parse_space("cifar", 2e6), 2, 4)
     deep = SpecPool(0, 1, parse_space("deep", 2e6), 2, 4)
     for step in (0, 3):
         assert names(mixed, step) == [names(cifar, step)[0], names(deep, step)[1]]
-    assert names(SpecPool(0, 1, parse_space("cifar", 2e6), 2, 4), 3) == names(cifar, 3)
+        # how runs before mixtures drew slot (step, j): seed-rank-step-j, one config
+        before = [draw_specs(random.Random(f"0-1-{step}-{j}"), 1, SamplerConfig(max_macs=2e6))[0]["name"]
+                  for j in range(2)]
+        assert names(cifar, step) == before
     assert len({spec["name"] for spec, _, _ in mixed.batch(3, 8, random.Random(0))}) == 8
     with pytest.raises(Exception, match=r"--space 'cifar\+wide': unknown space 'wide'; allowed: cifar, deep"):
         parse_space("cifar+wide", 2e6)
