@@ -73,7 +73,9 @@ def main() -> None:
     ax1.set_xlabel("meta-training step")
     ax1.set_ylabel("held-out mean top-1 (%)")
     ax1.set_title("GHN-Q held-out nets, CIFAR-10 test subset")
-    ax1.legend(fontsize=6, loc="lower right", ncol=3)  # the lower half is empty: accuracies sit above 30 %
+    # "best" finds no free spot once many runs are plotted; held-out accuracy sits above chance (10 %), so the
+    # band near 0 stays clear.
+    ax1.legend(fontsize=6, loc="lower right", ncol=3)
     ax3.axhline(10, color="gray", lw=0.8, ls="--")
     ax3.set_ylim(ax1.get_ylim())
     ax3.set_xlabel("meta-training wall time, hours (step time on the run's hardware)")
