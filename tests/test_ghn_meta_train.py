@@ -220,7 +220,7 @@ def test_init_fine_tunes_from_another_run_with_4a4(tmp_path: Path) -> None:
 def test_in_loop_evaluation_follows_eval_space_and_the_curve_keeps_spaces_apart(tmp_path: Path) -> None:
     """--eval-space picks whose held-out nets the in-loop evaluation uses; each evaluation line names its space,
     and the curve benchmark keeps the spaces apart (a line without the field is the cifar set, as before)."""
-    from benchmarks.bench_ghnq_curve import read_log
+    from benchmarks.bench_ghnq_curve import STEP_FIELDS, condensed, read_log
 
     args = [sys.executable, "-m", "ghnq.meta_train", "--meta-batch", "1", "--batch", "8", "--max-macs", "2e6",
             "--hidden", "16", "--threads", "1", "--checkpoint-every", "0", "--eval-every", "1", "--eval-nets", "1",
@@ -239,6 +239,13 @@ def test_in_loop_evaluation_follows_eval_space_and_the_curve_keeps_spaces_apart(
                             "elapsed": 0.0}) + "\n")
     steps, by_space = read_log(run)
     assert sorted(steps) == [1] and {k: sorted(v) for k, v in by_space.items()} == {"cifar": [0], "deep": [1]}
+    # the condensed copy (what --keep commits) reads back as the same curve, step records cut to the plotted fields
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text(condensed(steps, by_space))
+    steps2, by_space2 = read_log(kept)
+    assert by_space2 == by_space and steps2 == {s: {k: r[k] for k in STEP_FIELDS} for s, r in steps.items()}
+    with pytest.raises(SystemExit, match="no such run log"):
+        read_log(tmp_path / "missing")
     r = subprocess.run(args + ["--steps", "1", "--eval-space", "imagenet", "--out", str(tmp_path / "bad")],
                        cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "--eval-space" in r.stderr and "deep" in r.stderr and "Traceback" not in r.stderr
