@@ -18,7 +18,7 @@ from calibration import calibrate, save, simulate
 from calibration.observers import METHODS
 from calibration.qmodel import WEIGHT_BITS
 from ghnq.cli import UserError, run_cli
-from ghnq.data import load_eval_images
+from ghnq.data import fit_images, load_eval_images
 from ghnq.spec import build_model, load_spec, spec_name
 from ghnq.train import evaluate
 from ghnq.weights import obtain_weights
@@ -56,12 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(spec)
     source = obtain_weights(model, a.weights, bits=a.bits, seed=a.seed)
     images, _, img_source = load_eval_images(a.images, root=a.data_root, split="train")
+    images = fit_images(images, spec["input"], f"{a.arch}: input")
     qm = calibrate(model, images, method=a.method, weight_bits=a.bits, act_bits=a.act_bits,
                    bn_recalibrate=a.bn_recalibrate,
                    meta={"name": spec_name(spec), "weights": source, "calibration_source": img_source,
                          "arch": str(a.arch)})
     if a.eval_images > 0:
         test, labels, _ = load_eval_images(a.eval_images, root=a.data_root)
+        test = fit_images(test, spec["input"], f"{a.arch}: input")
         fa = evaluate(model, test, labels)
         qa = float((simulate(qm, test).argmax(1) == labels).mean())
         qm.meta.update({"float_top1": fa, "sim_top1": qa, "eval_images": len(test)})

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from calibration import reference
     from calibration.qmodel import load
     from calibration.sim import simulate
-    from ghnq.data import load_eval_images
+    from ghnq.data import fit_images, load_eval_images
 
     p = argparse.ArgumentParser(prog="python -m calibration.compare",
                                 description="Per-layer comparison of the fake-quant sim and the integer reference.")
@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--images: got {a.images}; need at least 1")
     qm = load(a.qm)
     images, _, _ = load_eval_images(a.images, root=a.data_root)
+    _, h, w, c = qm.tensors[qm.input].shape
+    images = fit_images(images, (c, h, w), f"{a.qm}: input tensor {qm.input!r}")
     ls, rs = simulate(qm, images, capture=True)
     lr, rr = reference.run(qm, images, capture=True)
     c = compare(ls, lr, rs, rr, order=[qm.input] + [op.outputs[0] for op in qm.ops])

@@ -97,7 +97,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace, fmt: str, build: Build) -> int:
     """All stages for one exporter; returns the exit code (UserError propagates to run_cli → exit 2)."""
     from calibration import calibrate
-    from ghnq.data import load_eval_images
+    from ghnq.data import fit_images, load_eval_images
     from ghnq.spec import build_model, load_spec, spec_name
     from ghnq.weights import obtain_weights
 
@@ -118,11 +118,13 @@ def run_export(args: argparse.Namespace, fmt: str, build: Build) -> int:
     stage("calibration")
     bn = args.bn_recalibrate if args.bn_recalibrate is not None else args.weights is None
     calib, _, calib_source = load_eval_images(args.calib_images, args.data_root, split="train", quiet=args.quiet)
+    calib = fit_images(calib, spec["input"], f"{args.arch}: input")
     qm = calibrate(model, calib, method=args.method, weight_bits=args.bits, act_bits=8, bn_recalibrate=bn,
                    progress=not args.quiet, meta={"name": name, "weights": weights,
                                                   "calibration_source": calib_source})
     # Load the verification images now: any data problem surfaces before a file is written.
     images, labels, verify_source = load_eval_images(args.verify_images, args.data_root, split="test", quiet=True)
+    images = fit_images(images, spec["input"], f"{args.arch}: input")
     stage("write")
     from calibration.qmodel import save
 

@@ -11,6 +11,9 @@ arrival into the same cache.
 
 When no data root exists, `load_eval_images` falls back to the embedded sample shipped in the package
 (512 test images) and says so: calibration, export and verification then still work on real images.
+
+A spec may declare another input size than CIFAR-10's 32×32 (`input: [3, H, W]`): `fit_images` resizes the
+images to it, so calibration, the artifact's input tensor and verification all have the size the spec declares.
 """
 
 from __future__ import annotations
@@ -171,6 +174,41 @@ def load_eval_images(n: int | None = None, root: str | os.PathLike | None = None
     if n is not None:
         order = order[:n]
     return images[order], labels[order], source
+
+
+def check_labels(num_classes: int, where: str) -> None:
+    """A model trained on these labels needs an output for each of CIFAR-10's classes."""
+    if num_classes < len(CLASSES):
+        raise UserError(f"{where}: {num_classes}; the training labels are CIFAR-10's {len(CLASSES)} classes, so "
+                        f"allowed here: {len(CLASSES)} or more")
+
+
+def check_channels(channels: int, where: str) -> None:
+    if channels != len(MEAN):
+        raise UserError(f"{where}: {channels} channel(s); the calibration and test data are RGB CIFAR-10 images, "
+                        f"so allowed here: {len(MEAN)}")
+
+
+def fit_images(images: np.ndarray | torch.Tensor, input_chw: list[int] | tuple[int, ...], where: str
+               ) -> np.ndarray | torch.Tensor:
+    """uint8 NHWC images as a model declaring `input_chw` takes them: resized to its H×W when that differs.
+
+    Bilinear with antialiasing (what torchvision's Resize does on tensors), rounded back to uint8, so the
+    resized images stay pixel data and the artifact's uint8/int8 input quantization is unchanged. The data is
+    RGB, so a model declaring another channel count cannot take it: a UserError naming `where` (the spec file's
+    input key) says so. Returns the same type it was given.
+    """
+    c, h, w = (int(v) for v in input_chw)
+    check_channels(c, where)
+    if tuple(images.shape[1:3]) == (h, w):
+        return images
+    x = torch.as_tensor(images)
+    out = torch.empty((len(x), h, w, c), dtype=torch.uint8)
+    for i in range(0, len(x), 256):  # chunks: a large set resized at once would hold it all as float32
+        chunk = x[i:i + 256].permute(0, 3, 1, 2).float()
+        y = torch.nn.functional.interpolate(chunk, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        out[i:i + 256] = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return out if isinstance(images, torch.Tensor) else out.numpy()
 
 
 def interleaved_order(labels: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from calibration.bn import BN_BATCH
 from ghnq.cli import UserError, run_cli
-from ghnq.data import interleaved_order, load_cifar10, load_eval_images, to_float
+from ghnq.data import check_channels, fit_images, interleaved_order, load_cifar10, load_eval_images, to_float
 from ghnq.fakequant import FakeQuantNet, finalize_stats
 from ghnq.fileio import atomic_write_text
 from ghnq.sampler import SPACES
@@ -176,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     bits = parse_bits(args.bits)
-    specs = [load_spec(p) for p in args.arch] + heldout_specs(args.heldout, args.heldout_space)
+    specs = [load_spec(p) for p in args.arch]
+    for path, spec in zip(args.arch, specs, strict=True):
+        check_channels(spec["input"][0], f"{path}: input")  # before any work, not midway through a sweep
+    specs += heldout_specs(args.heldout, args.heldout_space)
     k, _, n = args.shard.partition("/")
     if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
         raise UserError(f"--shard: got {args.shard!r}; expected K/N with 0 <= K < N, e.g. 1/2")
@@ -197,12 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.init == "ghnq":
         ghn = load_checkpoint(args.checkpoint)
     images, labels, source = load_eval_images(args.images, args.data_root, quiet=True)
-    test, y = to_x01(images), torch.as_tensor(labels)
+    y = torch.as_tensor(labels)
     calib_u8 = calibration_uint8(args.bn_images, args.data_root)
-    calib = to_x01(calib_u8)
-    print(f"# {len(specs)} specs; test: {len(test)} images from {source}; BN statistics re-estimated on "
-          f"{len(calib)} training images; init: {args.init}; engine: {args.engine}", file=sys.stderr)
+    print(f"# {len(specs)} specs; test: {len(images)} images from {source}; BN statistics re-estimated on "
+          f"{len(calib_u8)} training images; init: {args.init}; engine: {args.engine}", file=sys.stderr)
+    sized: dict[tuple[int, ...], tuple] = {}  # the images at each declared input size, resized once
     for spec in tqdm(specs, desc="evaluating", unit="spec", file=sys.stderr, disable=len(specs) < 3):
+        key = tuple(spec["input"])
+        if key not in sized:
+            imgs, cal = (fit_images(x, key, f"{spec.get('name', '?')}: input") for x in (images, calib_u8))
+            sized[key] = imgs, to_x01(imgs), cal, to_x01(cal)
+        images_s, test, calib_u8_s, calib = sized[key]
         model = build_model(spec)
         net = FakeQuantNet(model)
         top1 = {}
@@ -216,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 acc = top1_predicted(net, params, wbits, abits, calib, test, y)
             else:
                 load_predicted(model, params)
-                acc = top1_module(model, wbits, abits, calib_u8, images, labels)
+                acc = top1_module(model, wbits, abits, calib_u8_s, images_s, labels)
             top1[label] = round(acc, 4)
         line = json.dumps({"spec": spec.get("name", "?"), "top1": top1,
                            "seconds": round(time.perf_counter() - t0, 1)})

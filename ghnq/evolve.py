@@ -698,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--device {args.device}: no CUDA device available; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ghnq.data import load_cifar10, load_eval_images
+    from ghnq.data import check_channels, check_labels, fit_images, load_cifar10, load_eval_images
     from ghnq.spec import load_spec, spec_name
 
     if not args.resume:  # refuse bad input before loading any data
@@ -715,6 +715,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "missing); use --init ptq --weights FILE or --init ckpt --weights FILE.qm")
 
     spec = load_spec(args.arch)
+    where = f"{args.arch}: input"
+    check_channels(spec["input"][0], where)
+    check_labels(spec["num_classes"], f"{args.arch}: num_classes")
     name = spec_name(spec)
     out = Path(args.out or f"out/{name}-evolve-w{args.bits}")
     state_path, start_path = out / STATE_FILE, out / START_FILE
@@ -727,10 +730,11 @@ def main(argv: list[str] | None = None) -> int:
     order = np.random.default_rng(args.seed).permutation(len(labels))
     if args.train_images:
         order = order[:args.train_images]
-    images, labels = images[order], labels[order]
+    images, labels = fit_images(images[order], spec["input"], where), labels[order]
     test = None
     if args.curve_images or args.eval_images:
         timgs, tlabels, _ = load_eval_images(max(args.curve_images, args.eval_images), args.data_root)
+        timgs = fit_images(timgs, spec["input"], where)
     if args.curve_images:
         test = (timgs[:args.curve_images], tlabels[:args.curve_images])
 

@@ -453,7 +453,7 @@ def check_args(a: argparse.Namespace) -> tuple[dict, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ghnq.data import load_eval_images
+    from ghnq.data import fit_images, load_eval_images
     from ghnq.spec import spec_name
 
     a = parse_args(argv)
@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out or f"out/{name}-pipeline-w{a.bits}")
     test, labels, test_src = load_eval_images(a.images, a.data_root, split="test", quiet=True)
     calib, _, calib_src = load_eval_images(a.calib_images, a.data_root, split="train", quiet=True)
+    test, calib = (fit_images(x, spec["input"], f"{a.arch}: input") for x in (test, calib))
     a.data_id = f"{test_src} | {calib_src}"
     ctx = Ctx(a, spec, name, out, target, test, labels, calib, {"test": test_src, "calib": calib_src})
     for n, stage in enumerate(STAGES, 1):

@@ -31,7 +31,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -148,11 +148,15 @@ def evaluate_spec(spec: dict, s: Settings, data: Data, target: Any, folder: Path
     from devices.bundle import VERIFY_FILES, make_bundle
     from devices.run import run_bundle
     from export.tflite import write_tflite
+    from ghnq.data import fit_images
     from ghnq.sampler import spec_hash
     from ghnq.spec import build_model, spec_name, summarize
 
     t0 = time.perf_counter()
     name = spec_name(spec)
+    # the images at the spec's declared input size (the caller names the spec in any error)
+    data = replace(data, calib=fit_images(data.calib, spec["input"], "input"),
+                   test=fit_images(data.test, spec["input"], "input"))
     model = build_model(spec)
     info = summarize(model, spec["input"])
     acc, qm8, codes8, weights = predicted_accuracy(model, s.bits, data, s.method, step)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ghnq.cli import UserError, run_cli
-from ghnq.data import interleaved_order, load_cifar10, to_float
+from ghnq.data import check_channels, check_labels, fit_images, interleaved_order, load_cifar10, to_float
 from ghnq.fileio import atomic_torch_save, atomic_write_text, torch_load
 from ghnq.spec import build_model, load_spec, spec_name
 
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     spec = load_spec(args.arch)
+    check_channels(spec["input"][0], f"{args.arch}: input")
+    check_labels(spec["num_classes"], f"{args.arch}: num_classes")
     out = Path(args.out or Path("runs") / spec_name(spec))
     ckpt_path = out / "checkpoint.pt"
     torch.manual_seed(args.seed)
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         x_train, y_train = balanced_subset(x_train, y_train, args.train_images)
     if args.eval_images:
         x_test, y_test = balanced_subset(x_test, y_test, args.eval_images)
+    x_test = fit_images(x_test, spec["input"], f"{args.arch}: input")
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
 
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         perm = torch.from_numpy(np.random.default_rng([args.seed, epoch]).permutation(len(x_train)))
         idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        x = to_float(augment(x_train_t[idx], gen)).to(args.device).contiguous(memory_format=torch.channels_last)
+        x = fit_images(augment(x_train_t[idx], gen), spec["input"], f"{args.arch}: input")
+        x = to_float(x).to(args.device).contiguous(memory_format=torch.channels_last)
         model.train()
         loss = F.cross_entropy(model(x), y_train_t[idx].to(args.device))
         if not torch.isfinite(loss):

@@ -6,10 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ghnq.cli import UserError
-from ghnq.data import CLASSES, SAMPLE_PATH, default_data_root, interleaved_order, load_cifar10, load_eval_images
+from ghnq.data import (
+    CLASSES,
+    SAMPLE_PATH,
+    default_data_root,
+    fit_images,
+    interleaved_order,
+    load_cifar10,
+    load_eval_images,
+)
 
 
 def _make_folder(root: Path, per_class: int = 2) -> None:
@@ -62,3 +71,22 @@ def test_real_cifar10_test_split() -> None:
     sample_x, sample_y = np.load(SAMPLE_PATH)["images"], np.load(SAMPLE_PATH)["labels"]
     idx = np.sort(interleaved_order(y)[:512])
     assert np.array_equal(sample_x, x[idx]) and np.array_equal(sample_y, y[idx])  # the sample is real test data
+
+
+def test_fit_images_resizes_to_the_declared_input_and_refuses_other_channel_counts() -> None:
+    """A spec's declared input size is what the model sees: same size → the very array; another H×W → resized
+    uint8 (a flat image stays flat, a left/right split stays split, numpy in → numpy out); another channel count
+    → one clear error naming the key."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    assert fit_images(images, [3, 32, 32], "s.yaml: input") is images
+    out = fit_images(images, [3, 48, 20], "s.yaml: input")
+    assert isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == (3, 48, 20, 3)
+    flat = np.full((2, 32, 32, 3), 77, np.uint8)
+    assert (fit_images(flat, (3, 9, 9), "w") == 77).all() and (fit_images(flat, (3, 64, 64), "w") == 77).all()
+    halves = np.zeros((1, 32, 32, 3), np.uint8)
+    halves[:, :, 16:] = 255
+    small = fit_images(torch.from_numpy(halves), (3, 16, 16), "w")
+    assert isinstance(small, torch.Tensor) and (small[0, :, :7] == 0).all() and (small[0, :, 9:] == 255).all()
+    with pytest.raises(UserError, match=r"^s\.yaml: input: 1 channel\(s\); .*allowed here: 3$"):
+        fit_images(images, [1, 28, 28], "s.yaml: input")

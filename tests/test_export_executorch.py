@@ -357,6 +357,22 @@ def test_command_writes_verified_artifacts(tmp_path: Path, capsys: pytest.Captur
     assert r["weights"].startswith("GHN-Q prediction (ghnq.pt")  # the shipped checkpoint is the default
 
 
+def test_declared_input_size_is_the_artifacts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A spec declaring a non-square input: the .pte takes exactly that input and the runtime equals the sim."""
+    spec = tmp_path / "rect.yaml"
+    spec.write_text("name: rect\ninput: [3, 24, 40]\nstem: {out: 8, stride: 2}\n"
+                    "stages: [{block: sep, out: 16, stride: 2}, {block: bottleneck, out: 24, stride: 2}]\n")
+    out = tmp_path / "o"
+    code, err = _cli(["--arch", str(spec), "--out", str(out), "--calib-images", "32", "--verify-images", "16",
+                      "--reference-images", "16", "--quiet"], capsys)
+    assert code == 0, err
+    r = json.loads((out / "report.json").read_text())
+    assert r["passed"], r.get("failures")  # default tolerance: ≤ 1 step, ≥ 99.9 % top-1 vs the sim
+    assert np.load(out / "verify" / "inputs_int8.npy").shape == (16, 24, 40, 3)
+    qm = load_qm(out / "rect.qm")
+    assert list(qm.tensors[qm.input].shape) == [1, 24, 40, 3]
+
+
 @pytest.mark.parametrize("args, match", [
     (["--arch", "specs/nope.yaml"], "nope.yaml"),
     (["--arch", "{spec_bad}"], "stem"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from ghnq.cli import UserError
 from ghnq.data import default_data_root
 from ghnq.spec import build_model, parse_spec
-from ghnq.train import augment, load_weights
+from ghnq.train import augment, load_weights, main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (default_data_root() / "train").is_dir(), reason="CIFAR-10 not present")
@@ -86,6 +87,22 @@ def test_load_weights_errors(tmp_path: Path) -> None:
     torch.save(state, tmp_path / "nan.pt")
     with pytest.raises(UserError, match="NaN or Inf"):
         load_weights(model, tmp_path / "nan.pt")
+
+
+def test_declared_input_size_trains_and_specs_the_data_cannot_feed_are_refused(tmp_path: Path) -> None:
+    """A spec declaring a non-CIFAR input size trains on resized batches; one whose channels or classes the data
+    cannot supply is refused with the file and key before any data is loaded."""
+    rect = tmp_path / "rect.yaml"
+    rect.write_text(TINY.replace("name: tiny\n", "name: rect\ninput: [3, 20, 28]\n"))
+    proc = _train(rect, tmp_path / "r", epochs=1)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "test top-1" in out, out
+    for extra, words in (("input: [1, 32, 32]\n", "gray.yaml: input: 1 channel(s)"),
+                         ("num_classes: 2\n", "gray.yaml: num_classes: 2; the training labels")):
+        (tmp_path / "gray.yaml").write_text(TINY.replace("name: tiny\n", "name: gray\n" + extra))
+        with pytest.raises(UserError, match=re.escape(words)):
+            main(["--arch", str(tmp_path / "gray.yaml"), "--out", str(tmp_path / "g")])
+    assert not (tmp_path / "g").exists()
 
 
 def test_subsets_are_class_balanced() -> None:
