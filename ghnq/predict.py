@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
+import types
 from pathlib import Path
 
 import torch
@@ -133,6 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     predict(model, bits=args.bits, checkpoint=args.checkpoint)
     atomic_torch_save(args.out, model.state_dict())
     return 0
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as `predict`. Importing the submodule `ghnq.predict` (which `ghnq.evaluate`,
+    `ghnq.weights`, ... do, and `ghnq.predict()` itself does on first use) rebinds the package attribute
+    `ghnq.predict` from the function to this module; being callable, `ghnq.predict(model)` keeps working
+    however many times and in whatever import order it is reached."""
+
+    def __call__(self, model: nn.Module, bits: int | str = 8, checkpoint: str | Path | None = None) -> nn.Module:
+        return predict(model, bits=bits, checkpoint=checkpoint)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":

@@ -88,3 +88,22 @@ def test_cli(ckpt: Path, tmp_path: Path) -> None:
     r = subprocess.run(cmd + ["--bits", "3", "-o", str(tmp_path / "x.pt")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith("error: bits: got '3'") and "Traceback" not in r.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("first_import", ["", "import ghnq.evaluate"])
+def test_package_call_works_again_and_in_any_import_order(ckpt: Path, first_import: str) -> None:
+    """`ghnq.predict(model)` is the whole user API: a second call, and a call after something imported the
+    submodule ghnq.predict (which rebinds the package attribute), must fill the model the same way."""
+    code = f"""
+import ghnq, torch
+{first_import}
+from ghnq.spec import build_model, load_spec
+a = build_model(load_spec({str(ROOT / "specs/sepnet.yaml")!r}))
+b = build_model(load_spec({str(ROOT / "specs/sepnet.yaml")!r}))
+assert ghnq.predict(a, bits=4, checkpoint={str(ckpt)!r}) is a
+assert ghnq.predict(b, bits=4, checkpoint={str(ckpt)!r}) is b
+assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
