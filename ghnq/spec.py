@@ -72,8 +72,8 @@ class SpecError(UserError):
     """A spec that breaks the grammar: names the file, the key path, the value and what is allowed."""
 
     def __init__(self, source: str, path: str, message: str):
-        self.source, self.path = source, path
-        super().__init__(f"{source}: {path}: {message}")
+        self.source, self.path = source, path or "(top level)"
+        super().__init__(f"{source}: {self.path}: {message}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,6 +155,9 @@ def _bool(source: str, path: str, value: Any) -> bool:
 
 
 def _mapping(source: str, path: str, value: Any, keys: dict[str, Any] | tuple) -> dict:
+    if value is None and not path:
+        raise SpecError(source, path, "the file holds no spec (empty); allowed: a mapping with keys "
+                        f"{', '.join(keys)}")
     if not isinstance(value, dict):
         raise SpecError(source, path, f"got {_show(value)}; allowed: a mapping with keys "
                         f"{', '.join(keys)}")

@@ -108,12 +108,14 @@ def test_defaults_are_filled() -> None:
     ("stages: [{block: conv, out: 8}]\nhead: {dropout: 1.0}", "head.dropout"),
     ("stages: {block: conv, out: 8}", "stages"),
     ("stages: [{block: conv, out: 8}\n", "(yaml)"),
-    ("- 1\n- 2", ""),
+    ("- 1\n- 2", "(top level)"),
+    ("", "(top level)"),
+    ("# only a comment\n", "(top level)"),
 ])
 def test_bad_specs_name_the_key(text: str, path: str) -> None:
     with pytest.raises(SpecError) as err:
         parse_spec(text, source="bad.yaml")
-    assert err.value.path == path or (path == "" and err.value.path == "")
+    assert err.value.path == path
     assert str(err.value).startswith("bad.yaml: ")
     assert "allowed" in str(err.value) or "missing" in str(err.value) or "not allowed" in str(err.value)
 
