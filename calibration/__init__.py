@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
+import ghnq  # noqa: F401  first: its __init__ quiets two import-time warnings of torchao / torch (see there)
 from calibration import reference
 from calibration.bn import BN_BATCH, recalibrate_bn
 from calibration.convert import float_graph, fold_input_normalization, observe, quantize

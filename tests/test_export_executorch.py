@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -401,4 +404,18 @@ def test_unsupported_model_exits_2_and_writes_nothing(tmp_path: Path, capsys: py
     code, err = _cli(["--arch", str(ROOT / "specs/tiny-mbv2.yaml"), "--out", str(tmp_path / "o"),
                       "--calib-images", "8", "--verify-images", "4", "--quiet"], capsys)
     assert code == 2 and "no ExecuTorch/XNNPACK mapping" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("module", ["export.executorch", "export.tflite"])
+def test_bad_input_is_one_line_from_a_fresh_process(module: str, tmp_path: Path) -> None:
+    """What a user sees on bad input, imports included: exactly the one error line (the pinned torchao / torch
+    print import-time warnings that the packages silence)."""
+    gray = tmp_path / "gray.yaml"
+    gray.write_text("name: gray\ninput: [1, 28, 28]\nstages: [{block: basic, out: 8}]\n")
+    r = subprocess.run([sys.executable, "-m", module, "--arch", str(gray), "--out", str(tmp_path / "o"), "--quiet"],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    assert r.stderr.splitlines() == [f"error: {gray}: input: 1 channel(s); the calibration and test data are RGB "
+                                     "CIFAR-10 images, so allowed here: 3"], r.stderr
     assert not (tmp_path / "o").exists()
