@@ -88,6 +88,21 @@ def ghn_from_file_object(obj: object, path: Path, device: str = "cpu") -> GHNQ:
     return ghn.to(device).eval()
 
 
+def conditioning(bits: int | str) -> str:
+    """The GHN's bit-width conditioning for a target weight width: its own for float, 8, 4 and 2; for a width it
+    was not trained on (3, 5, 6, 7), the nearest trained one above it. Measured for 6 on 18 held-out cifar specs
+    (W6A8 sim, 1,000 test images, step-25649 checkpoint): 8-bit conditioning 39.27 %, 4-bit 39.08 % (paired
+    +0.19 ± 0.26 pt), 8-bit conditioning at W8 39.30 %: six bits lose nothing from the 8-bit prediction."""
+    text = str(bits).strip().lower()
+    if text.isdigit() and 2 <= int(text) <= 8:
+        return next(b for b in ("2", "4", "8") if int(b) >= int(text))
+    try:
+        return bits_key(bits)
+    except UserError:
+        raise UserError(f"bits: got {bits!r}; allowed: float, or a weight width 2-8 (GHN-Q is conditioned on "
+                        "8, 4 and 2; 3 and 5-7 use the nearest above)") from None
+
+
 @torch.no_grad()
 def predict_params(ghn: GHNQ, model: nn.Module, bits: int | str = 8) -> dict[str, Tensor]:
     """{"module.weight": tensor, ...} for every conv/linear parameter of `model` (nothing is modified)."""
@@ -95,7 +110,7 @@ def predict_params(ghn: GHNQ, model: nn.Module, bits: int | str = 8) -> dict[str
         bits = "float"  # a GHN trained without quantization only ever saw the float embedding
     graph = extract_graph(model)
     batch = collate([graph], ghn.config.hops).to(next(ghn.parameters()).device)
-    return ghn(batch, [bits_key(bits)])[0]
+    return ghn(batch, [conditioning(bits)])[0]
 
 
 _CACHE: dict[str, GHNQ] = {}
@@ -126,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m ghnq.predict", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", required=True, help="spec.yaml")
-    ap.add_argument("--bits", default="8", help="target bit width: float, 8, 4, 2")
+    ap.add_argument("--bits", default="8", help="target weight bit width: float or 2-8 (default 8)")
     ap.add_argument("--checkpoint", default=None, help="GHN-Q checkpoint (default: the shipped one)")
     ap.add_argument("-o", "--out", required=True, help="output state_dict (.pt)")
     args = ap.parse_args(argv)
-    bits_key(args.bits)
+    conditioning(args.bits)
     model = build_model(load_spec(args.arch))
     predict(model, bits=args.bits, checkpoint=args.checkpoint)
     atomic_torch_save(args.out, model.state_dict())

@@ -32,10 +32,11 @@ def obtain_weights(model: nn.Module, weights: str | Path | None = None, bits: in
         return f"file {weights}"
     ckpt = ghnq_checkpoint()
     if ckpt is not None:
-        from ghnq.predict import predict
+        from ghnq.predict import conditioning, predict
 
         predict(model, bits=bits, checkpoint=ckpt)
-        return f"GHN-Q prediction ({ckpt.name}, bits={bits})"
+        cond = conditioning(bits)
+        return f"GHN-Q prediction ({ckpt.name}, bits={bits}{'' if cond == str(bits) else f', conditioned on {cond}'})"
     torch.manual_seed(seed)
     for m in model.modules():
         if hasattr(m, "reset_parameters"):

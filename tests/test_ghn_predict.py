@@ -85,8 +85,8 @@ def test_cli(ckpt: Path, tmp_path: Path) -> None:
     assert r.stdout == ""
     model = build_model(load_spec(ROOT / "specs/sepnet.yaml"))
     model.load_state_dict(torch.load(out, weights_only=True))
-    r = subprocess.run(cmd + ["--bits", "3", "-o", str(tmp_path / "x.pt")], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.startswith("error: bits: got '3'") and "Traceback" not in r.stderr
+    r = subprocess.run(cmd + ["--bits", "9", "-o", str(tmp_path / "x.pt")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("error: bits: got '9'") and "Traceback" not in r.stderr
     assert not (tmp_path / "x.pt").exists()
 
 
@@ -107,3 +107,23 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_untrained_widths_use_the_nearest_conditioning_above(ckpt: Path) -> None:
+    """6 bits (an exporter choice) and 3/5/7 predict with the nearest trained conditioning above; the rest refuse."""
+    from ghnq.predict import conditioning
+
+    assert [conditioning(b) for b in (2, 3, 4, 5, 6, 7, 8, "8", "float", 32)] == \
+        ["2", "4", "4", "8", "8", "8", "8", "8", "float", "float"]
+    ghn = load_checkpoint(ckpt)
+    model = build_model(load_spec(ROOT / "specs/sepnet.yaml"))
+    six, eight = predict_params(ghn, model, 6), predict_params(ghn, model, 8)
+    assert all(torch.equal(six[k], eight[k]) for k in eight)
+    assert not all(torch.equal(v, predict_params(ghn, model, 4)[k]) for k, v in eight.items())
+    for bad in (1, 9, 16, "int4", ""):
+        with pytest.raises(UserError, match="allowed: float, or a weight width 2-8"):
+            conditioning(bad)
+    # the exporters' default weights at --bits 6 (what failed before: "bits: got 6")
+    from ghnq.weights import obtain_weights
+
+    assert obtain_weights(model, bits=6).endswith("bits=6, conditioned on 8)")
