@@ -77,6 +77,36 @@ def test_functional_run_matches_module() -> None:
     assert torch.isfinite(y8).all() and not torch.equal(y8, y)
 
 
+def test_dropout_acts_only_in_the_training_forward() -> None:
+    """sepnet's head dropout: the training forward is random (and its mean output unchanged), while BN
+    re-estimation and evaluation are deterministic, as calibration.bn and the integer graph are."""
+    from ghnq.evaluate import logits_predicted
+
+    torch.manual_seed(0)
+    model = build_model(load_spec(ROOT / "specs/sepnet.yaml"))
+    net = FakeQuantNet(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x01, calib = torch.rand(8, 3, 32, 32), torch.rand(64, 3, 32, 32)
+    a, b = net(x01, params), net(x01, params)  # training forward: bn="batch", nothing collected
+    assert not torch.equal(a, b)
+    for wbits, abits in ((None, None), (4, 8)):
+        first = logits_predicted(net, params, wbits, abits, calib, x01)
+        assert torch.equal(first, logits_predicted(net, params, wbits, abits, calib, x01))
+    # the evaluation equals the module itself in eval mode after calibration.bn's re-estimation
+    from calibration.bn import recalibrate_bn
+
+    images = (calib.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    recalibrate_bn(model, images, batch_size=len(images), progress=False)
+    from ghnq.data import to_float
+
+    x_u8 = (x01.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    calib_q = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x_q = torch.from_numpy(x_u8).permute(0, 3, 1, 2).float() / 255
+    net.fold_input = False  # the module pads with the mean pixel, not pixel 128
+    ours = logits_predicted(net, params, None, None, calib_q, x_q)
+    assert torch.allclose(ours, model.eval()(to_float(x_u8)), atol=1e-3)
+
+
 def _textbook_act(x: torch.Tensor, bits: int) -> torch.Tensor:
     lo, hi = x.detach().min().clamp(max=0), x.detach().max().clamp(min=0)
     scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-8)
