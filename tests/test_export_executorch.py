@@ -360,20 +360,31 @@ def test_command_writes_verified_artifacts(tmp_path: Path, capsys: pytest.Captur
     assert r["weights"].startswith("GHN-Q prediction (ghnq.pt")  # the shipped checkpoint is the default
 
 
-def test_declared_input_size_is_the_artifacts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """A spec declaring a non-square input: the .pte takes exactly that input and the runtime equals the sim."""
+@pytest.mark.parametrize("fmt", ["tflite", "executorch"])
+def test_declared_input_size_is_the_artifacts(fmt: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A spec declaring a non-square, non-CIFAR input: the images are resized for calibration and verification,
+    the artifact takes exactly that input, and its runtime equals the sim (default tolerance)."""
+    from export import tflite as T
+
     spec = tmp_path / "rect.yaml"
-    spec.write_text("name: rect\ninput: [3, 24, 40]\nstem: {out: 8, stride: 2}\n"
-                    "stages: [{block: sep, out: 16, stride: 2}, {block: bottleneck, out: 24, stride: 2}]\n")
+    spec.write_text("name: rect\ninput: [3, 40, 24]\nnum_classes: 12\nstem: {out: 8, stride: 2}\nstages: "
+                    "[{block: mbconv, out: 16, stride: 2, se: true}, {block: bottleneck, out: 24, stride: 2}]\n")
     out = tmp_path / "o"
-    code, err = _cli(["--arch", str(spec), "--out", str(out), "--calib-images", "32", "--verify-images", "16",
-                      "--reference-images", "16", "--quiet"], capsys)
-    assert code == 0, err
+    with pytest.raises(SystemExit) as e:
+        run_cli((T if fmt == "tflite" else E).main, ["--arch", str(spec), "--out", str(out), "--calib-images", "32",
+                                                     "--verify-images", "16", "--reference-images", "16", "--quiet"])
+    assert e.value.code in (0, None), capsys.readouterr().err
     r = json.loads((out / "report.json").read_text())
-    assert r["passed"], r.get("failures")  # default tolerance: ≤ 1 step, ≥ 99.9 % top-1 vs the sim
-    assert np.load(out / "verify" / "inputs_int8.npy").shape == (16, 24, 40, 3)
+    assert r["passed"] and r["max_step_error"] <= 1, r.get("failures")
     qm = load_qm(out / "rect.qm")
-    assert list(qm.tensors[qm.input].shape) == [1, 24, 40, 3]
+    assert list(qm.tensors[qm.input].shape) == [1, 40, 24, 3] and list(qm.tensors[qm.output].shape) == [1, 12]
+    assert np.load(out / "verify" / "inputs_int8.npy").shape == (16, 40, 24, 3)
+    if fmt == "tflite":  # the file's own signature, read by the real interpreter
+        from ai_edge_litert.interpreter import Interpreter
+
+        interp = Interpreter(str(out / "rect_int8.tflite"))
+        assert list(interp.get_input_details()[0]["shape"]) == [1, 40, 24, 3]
+        assert r["exact"][0]["differing_codes"] == 0 and r["exact"][0]["codes"] == 16 * 12
 
 
 @pytest.mark.parametrize("args, match", [

@@ -369,26 +369,6 @@ def test_command_writes_verified_artifacts(tmp_path: Path, capsys: pytest.Captur
     assert any("max step error 2 > 1" in f for f in r["failures"])
 
 
-def test_declared_input_size_is_the_artifacts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """A spec declaring a non-square, non-CIFAR input gets an artifact taking exactly that input (the images are
-    resized for calibration and verification), and the runtime still equals the sim on every code."""
-    spec = tmp_path / "rect.yaml"
-    spec.write_text("name: rect\ninput: [3, 40, 24]\nnum_classes: 12\nstem: {out: 8, stride: 2}\n"
-                    "stages: [{block: mbconv, out: 16, stride: 2, se: true}, {block: basic, out: 24, stride: 2}]\n")
-    out = tmp_path / "o"
-    code, err = _cli(["--arch", str(spec), "--out", str(out), "--calib-images", "32", "--verify-images", "16",
-                      "--reference-images", "16", "--quiet"], capsys)
-    assert code == 0, err
-    r = json.loads((out / "report.json").read_text())
-    assert r["passed"] and r["exact"][0]["differing_codes"] == 0 and r["exact"][0]["codes"] == 16 * 12
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(str(out / "rect_int8.tflite"))
-    assert list(interp.get_input_details()[0]["shape"]) == [1, 40, 24, 3]
-    assert list(interp.get_output_details()[0]["shape"]) == [1, 12]
-    assert np.load(out / "verify" / "inputs_int8.npy").shape == (16, 40, 24, 3)
-
-
 def load_qm(out: Path) -> QuantizedModel:
     from calibration.qmodel import load
 
