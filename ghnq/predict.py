@@ -90,9 +90,9 @@ def ghn_from_file_object(obj: object, path: Path, device: str = "cpu") -> GHNQ:
 
 def conditioning(bits: int | str) -> str:
     """The GHN's bit-width conditioning for a target weight width: its own for float, 8, 4 and 2; for a width it
-    was not trained on (3, 5, 6, 7), the nearest trained one above it. Measured for 6 on 18 held-out cifar specs
-    (W6A8 sim, 1,000 test images, step-25649 checkpoint): 8-bit conditioning 39.27 %, 4-bit 39.08 % (paired
-    +0.19 ± 0.26 pt), 8-bit conditioning at W8 39.30 %: six bits lose nothing from the 8-bit prediction."""
+    was not trained on (3, 5, 6, 7), the nearest trained one above it. Measured for 6 on 20 held-out cifar specs
+    (benchmarks/bench_ghnq_conditioning.py, step 25649): W6A8 39.27 % with the 8-bit conditioning, 39.07 % with the
+    4-bit one (paired +0.21 ± 0.24 pt), W8A8 39.34 %: six bits lose nothing from the 8-bit prediction."""
     text = str(bits).strip().lower()
     if text.isdigit() and 2 <= int(text) <= 8:
         return next(b for b in ("2", "4", "8") if int(b) >= int(text))
