@@ -70,7 +70,7 @@ from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 from calibration.qmodel import Op, QuantizedModel
 from export.pipeline import Built, add_common_args, run_export
 from export.verify import Runners
-from ghnq.cli import UserError, run_cli
+from ghnq.cli import UserError, drop_native_log_lines, run_cli
 from ghnq.fileio import atomic_write_bytes
 
 GEMM = ("conv2d", "depthwise_conv2d", "fully_connected")
@@ -607,8 +607,10 @@ class ExecuTorchRunner:
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
 
-        portable_lib._unsafe_reset_threadpool(threads)  # XNNPACK's thread pool (a private hook in 1.x)
-        self.method = Runtime.get().load_program(Path(path)).load_method("forward")
+        # the runtime probes the CPU and logs each step and every thread-pool reset at its first use
+        with drop_native_log_lines(r"\[(cpuinfo_utils|threadpool)\.cpp:\d+\] "):
+            portable_lib._unsafe_reset_threadpool(threads)  # XNNPACK's thread pool (a private hook in 1.x)
+            self.method = Runtime.get().load_program(Path(path)).load_method("forward")
         self.fp32_input = fp32_input
         kind = "fp32" if fp32_input else "int8"
         self.name = (f"ExecuTorch {_executorch_version()} XNNPACK ({kind}, {threads} thread{'s' * (threads > 1)})")

@@ -34,7 +34,7 @@ from calibration.qmodel import Op, QuantizedModel, Tensor
 from calibration.reference import hardswish_table
 from export.pipeline import Built, add_common_args, run_export
 from export.verify import Runners
-from ghnq.cli import UserError, run_cli
+from ghnq.cli import UserError, drop_native_log_lines, run_cli
 from ghnq.fileio import atomic_write_bytes
 
 # Opcode versions as the official converter (TF 2.21 MLIR, full-integer int8) writes them for these ops —
@@ -483,7 +483,8 @@ class LiteRTRunner:
         self.interp = Interpreter(model_content=content, num_threads=threads,
                                   experimental_op_resolver_type=resolver,
                                   experimental_preserve_all_tensors=preserve_all)
-        self.interp.allocate_tensors()
+        with drop_native_log_lines(r"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.$"):
+            self.interp.allocate_tensors()  # LiteRT prints that line on a process's first XNNPACK allocation
         self.input = self.interp.get_input_details()[0]
         self.output = self.interp.get_output_details()[0]
         self.name = f"LiteRT {_litert_version()} ({kernels}, {threads} thread{'s' * (threads > 1)})"

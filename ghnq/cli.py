@@ -6,8 +6,12 @@ line on stderr with exit code 2 — never a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 
 
 class UserError(Exception):
@@ -25,3 +29,27 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+@contextlib.contextmanager
+def drop_native_log_lines(pattern: str) -> Iterator[None]:
+    """Catch file descriptor 2 for the duration and pass on every line except those matching `pattern`.
+
+    The runtimes' C++ loggers print start-up chatter straight to fd 2 (LiteRT's "Created TensorFlow Lite
+    XNNPACK delegate", ExecuTorch's cpuinfo probing), even under --quiet, and neither exposes a Python switch
+    to turn it off; `sys.stderr` redirection cannot reach them.
+    """
+    drop = re.compile(pattern)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            lines = caught.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not drop.match(line)))
+            sys.stderr.flush()

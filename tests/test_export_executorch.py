@@ -430,3 +430,28 @@ def test_bad_input_is_one_line_from_a_fresh_process(module: str, tmp_path: Path)
     assert r.stderr.splitlines() == [f"error: {gray}: input: 1 channel(s); the calibration and test data are RGB "
                                      "CIFAR-10 images, so allowed here: 3"], r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("module", ["export.executorch", "export.tflite"])
+def test_quiet_export_prints_only_its_result(module: str, tmp_path: Path) -> None:
+    """`--quiet` from a fresh process: the result line and the report path, nothing else — the runtimes' C++
+    start-up chatter on fd 2 (LiteRT's delegate banner, ExecuTorch's cpuinfo probing) is dropped."""
+    spec = tmp_path / "q.yaml"
+    spec.write_text("name: q\ninput: [3, 16, 16]\nstem: {out: 8}\nstages: [{block: sep, out: 16, stride: 2}]\n")
+    r = subprocess.run([sys.executable, "-m", module, "--arch", str(spec), "--out", str(tmp_path / "o"), "--quiet",
+                        "--calib-images", "16", "--verify-images", "8", "--reference-images", "4"],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = (r.stdout + r.stderr).splitlines()
+    assert len(lines) == 2 and lines[0].startswith("q: ") and "verified" in lines[0], lines
+    assert lines[1].startswith("report: "), lines
+
+
+def test_native_log_filter_passes_other_lines_on(capfd: pytest.CaptureFixture) -> None:
+    """Only the matching lines written to fd 2 are dropped; everything else reaches stderr in order."""
+    from ghnq.cli import drop_native_log_lines
+
+    with drop_native_log_lines(r"\[noise\.cpp:\d+\] "):
+        os.write(2, b"[noise.cpp:12] probing\nERROR: a real problem\n[noise.cpp:99] more\nlast, unterminated")
+    os.write(2, b"\n[noise.cpp:1] after the block\n")
+    assert capfd.readouterr().err == "ERROR: a real problem\nlast, unterminated\n[noise.cpp:1] after the block\n"
