@@ -692,8 +692,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = config_from(args)
     cfg.check()
-    if args.budget_evals < 1:
-        raise UserError(f"--budget-evals {args.budget_evals}: must be ≥ 1")
+    if args.budget_evals < cfg.group_cost():  # the search spends its budget a whole group at a time
+        raise UserError(f"--budget-evals {args.budget_evals}: one group costs {cfg.group_cost()} fitness evaluations "
+                        f"(--pop {cfg.pop} × (--gens {cfg.gens} + 1){' + 2 acceptance checks' * cfg.accept_check}); "
+                        f"allowed: at least {cfg.group_cost()}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device available; use --device cpu")
     if args.threads:

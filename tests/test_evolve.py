@@ -191,7 +191,9 @@ def test_kill9_resume_continues_with_same_best_fitness(tiny, tmp_path: Path) -> 
 
 def test_cli_errors(tiny, tmp_path: Path) -> None:
     spec, weights, qm = tiny
-    base = ["--arch", str(spec), "--budget-evals", "10", "--out", str(tmp_path / "o")]
+    base = ["--arch", str(spec), "--budget-evals", "200", "--out", str(tmp_path / "o")]
+    with pytest.raises(UserError, match=r"--budget-evals 81: one group costs 82 .*at least 82"):  # 16 × 5 + 2
+        main([*base[:2], "--budget-evals", "81", *base[4:], "--init", "ptq", "--weights", str(weights)])
     with pytest.raises(UserError, match="--weights"):
         main(base + ["--init", "ptq"])
     with pytest.raises(UserError, match="no such file"):
