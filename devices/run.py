@@ -331,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
     p.add_argument("--runs", type=int, default=None, help="timed latency runs")
     p.add_argument("--skip-latency", action="store_true", help="accuracy and verification only")
+    p.add_argument("--quiet", action="store_true", help="no progress from the target: errors and the result only")
     args = p.parse_args(argv)
     if args.retries < 0 or args.threads < 1:
         raise UserError("--retries must be >= 0 and --threads >= 1")
@@ -343,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         eval_args += ["--runs", str(args.runs)]
     if args.skip_latency:
         eval_args.append("--skip-latency")
+    if args.quiet:
+        eval_args.append("--quiet")
     target = target_from_args(args)
     rc, result, out = run_bundle(target, args.bundle, eval_args, args.out, args.retries)
     if result is not None:

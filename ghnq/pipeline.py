@@ -224,8 +224,8 @@ def stage_device(ctx: Ctx, folder: Path) -> dict:
     for fmt in a.formats:
         fdir = Path(ctx.done["export"]["formats"][fmt]["artifact"]).parent
         bundle = make_bundle(fdir)
-        rc, result, res_dir = run_bundle(ctx.target, bundle, ["--threads", str(a.threads), "--runs", str(a.runs)],
-                                         folder / fmt, a.retries)
+        eval_args = ["--threads", str(a.threads), "--runs", str(a.runs), *(["--quiet"] if a.quiet else [])]
+        rc, result, res_dir = run_bundle(ctx.target, bundle, eval_args, folder / fmt, a.retries)
         if result is None:
             raise UserError(f"{ctx.target.name}: eval.py refused {bundle} (exit {rc}; its message is above)")
         arts = {}

@@ -78,6 +78,15 @@ def test_local_run_verifies_against_the_expected_outputs(export: Path, tmp_path:
     assert fp32["precision"] == "fp32" and abs(fp32["accuracy"] - rec["accuracy"]) < 0.05
 
 
+def test_quiet_local_run_prints_only_the_result(export: Path, tmp_path: Path):
+    """--quiet: no progress from eval.py and no runtime chatter (LiteRT's delegate banner): one result line."""
+    r = _py("-m", "devices.run", "--target", "local", str(export / "bundle"), "--out", str(tmp_path), "--runs", "2",
+            "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "" and r.stdout == f"local: verified; results in {tmp_path / 'result.json'}\n", r.stderr
+    assert json.loads((tmp_path / "result.json").read_text())["verified"]
+
+
 def test_eval_resumes_from_saved_chunks(export: Path, tmp_path: Path):
     bundle = export / "bundle"
     args = ["--artifact", f"{NAME}_int8.tflite", "--skip-latency", "--out", str(tmp_path), "--chunk", "100"]

@@ -56,3 +56,18 @@ def test_pte_bundle_reproduces_the_exporters_verification(pte_export: Path, tmp_
     expected = np.load(pte_export / "verify" / "expected_int8.npy")
     assert np.load(tmp_path / rec["outputs"]).shape == expected.shape
     assert result["artifacts"]["tiny-mbv2_fp32.pte"]["input"]["dtype"] == "float32"
+
+
+def test_quiet_pte_run_holds_back_the_runtime_chatter(pte_export: Path, tmp_path: Path):
+    """ExecuTorch logs its cpuinfo probing and thread-pool resets on fd 2; eval.py --quiet holds them back."""
+    bundle = pte_export / "bundle"
+    if not bundle.exists():
+        assert subprocess.run([sys.executable, "-m", "devices.bundle", str(pte_export)], cwd=ROOT).returncode == 0
+    r = subprocess.run([sys.executable, str(bundle / "eval.py"), str(bundle), "--out", str(tmp_path), "--runs", "2",
+                        "--quiet"], capture_output=True, text=True, timeout=600)
+    report = json.loads((pte_export / "report.json").read_text())
+    assert r.returncode == (0 if report["passed"] else 1), r.stderr
+    assert r.stdout == "" and (r.stderr == "" if report["passed"] else r.stderr.startswith("VERIFICATION FAILED")), \
+        r.stderr
+    assert set(json.loads((tmp_path / "result.json").read_text())["artifacts"]) == {
+        "tiny-mbv2_xnnpack.pte", "tiny-mbv2_fp32.pte"}

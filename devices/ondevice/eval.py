@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Evaluate and time a ghnq bundle on this device. One file: Python 3 + numpy + one runtime.
 
-    python3 eval.py [BUNDLE] [--artifact FILE] [--threads N] [--out DIR]
+    python3 eval.py [BUNDLE] [--artifact FILE] [--threads N] [--out DIR] [--quiet]
 
 Runtimes: `ai_edge_litert` (or `tflite_runtime`) for .tflite, the ExecuTorch Python runtime for .pte.
 Nothing else from the toolkit is needed on the device: copy the bundle folder (this script is in it) and run.
@@ -16,6 +16,9 @@ What it does, top to bottom:
    steps (max, p99, mean, worst image); int8 artifacts must stay within the bundle's tolerance;
 4. measures latency on one image: warm-up runs, then N timed runs, median / p90 / mean / min in ms;
 5. writes OUT/result.json (and OUT/<artifact>.outputs.npy), atomically.
+
+`--quiet`: no progress lines and none of the runtimes' start-up chatter on stderr (shown only when opening an
+artifact fails); errors and a failed verification are still printed.
 
 Exit codes: 0 verified, 1 verification failed (the message names the artifact and the mismatch),
 2 bad input or a bundle that fails its sha256 check.
@@ -193,6 +196,33 @@ def _torch_dtype_to_numpy(code) -> np.dtype:
 
 
 def open_model(path: str, threads: int):
+    if QUIET:
+        with _stderr_shown_on_failure():
+            return _open_model(path, threads)
+    return _open_model(path, threads)
+
+
+@contextlib.contextmanager
+def _stderr_shown_on_failure():
+    """Hold what is written to fd 2 (the runtimes' C++ loggers: LiteRT's delegate banner, ExecuTorch's cpuinfo
+    probing) and show it only if the block fails. Their Python bindings have no switch for it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _open_model(path: str, threads: int):
     if path.endswith(".tflite"):
         return TFLiteModel(path, threads)
     if path.endswith(".pte"):
@@ -228,8 +258,13 @@ def output_steps(y: np.ndarray, quant: dict) -> np.ndarray:
 # the evaluation: chunked and resumable
 
 
+QUIET = False  # --quiet
+
+
 def progress(msg: str, final: bool = False) -> None:
     """One progress line: rewritten in place on a terminal, one line per update over a pipe (ssh/adb)."""
+    if QUIET:
+        return
     try:
         if sys.stderr.isatty():
             sys.stderr.write("\r" + msg + ("\n" if final else ""))
@@ -360,6 +395,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=50, help="timed latency runs (default 50)")
     p.add_argument("--skip-accuracy", action="store_true", help="latency only (benchmarks)")
     p.add_argument("--skip-latency", action="store_true", help="accuracy and verification only")
+    p.add_argument("--quiet", action="store_true", help="no progress; errors and failures only")
     args = p.parse_args(argv)
     for key in ("threads", "chunk", "runs"):
         if getattr(args, key) < 1:
@@ -370,7 +406,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global QUIET
     args = parse_args(argv)
+    QUIET = args.quiet
     bundle = os.path.abspath(args.bundle)
     manifest = load_manifest(bundle)
     verify_bundle(bundle, manifest)
@@ -440,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     if failures:
         print("VERIFICATION FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return EXIT_MISMATCH
-    print(f"verified: {os.path.join(out, 'result.json')}", file=sys.stderr)
+    if not QUIET:
+        print(f"verified: {os.path.join(out, 'result.json')}", file=sys.stderr)
     return 0
 
 
