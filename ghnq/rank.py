@@ -142,7 +142,7 @@ def predicted_accuracy(model: torch.nn.Module, bits: tuple[int, ...], data: Data
 
 
 def evaluate_spec(spec: dict, s: Settings, data: Data, target: Any, folder: Path,
-                  step: Any = lambda name: None) -> dict:
+                  step: Any = lambda name: None, quiet: bool = False) -> dict:
     """Weights → quantize → sim accuracy at every bit width → int8 .tflite → device check + latency."""
     from calibration.qmodel import input_codes, save
     from devices.bundle import VERIFY_FILES, make_bundle
@@ -175,7 +175,7 @@ def evaluate_spec(spec: dict, s: Settings, data: Data, target: Any, folder: Path
 
     step(f"{name}: latency on {target.name}")
     eval_args = ["--artifact", artifact.name, "--threads", str(s.threads), "--runs", str(s.runs),
-                 "--warmup", str(s.warmup)]
+                 "--warmup", str(s.warmup), *(["--quiet"] if quiet else [])]
     rc, result, _ = run_bundle(target, bundle, eval_args, folder / "runs" / target.name)
     if result is None:
         raise UserError(f"{target.name}: eval.py refused the bundle {bundle} (exit {rc}; see its message above)")
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix_str(f"{cached['name']}: cached")
             continue
         try:
-            row = evaluate_spec(spec, s, data, target, folder, step=bar.set_postfix_str)
+            row = evaluate_spec(spec, s, data, target, folder, step=bar.set_postfix_str, quiet=args.quiet)
         except Exception as err:  # one bad spec must not stop the ranking of the others
             msg = str(err).splitlines()[0] if str(err) else ""
             what = msg if isinstance(err, UserError) else f"{type(err).__name__}: {msg}"
