@@ -62,11 +62,25 @@ def _list_files(split_dir: Path) -> list[tuple[int, Path]]:
     return files
 
 
-def _decode(path: Path) -> np.ndarray:
+def _decode(source: Path | bytes, where: str) -> np.ndarray:
+    """One image file (a path, or its bytes from a pack) → uint8 RGB [H, W, 3]."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated / unreadable files
+        raise UserError(f"{where}: not a readable image ({err})") from None
+
+
+def _stack(images: list[np.ndarray], names: list[str]) -> np.ndarray:
+    """One array for the split; every image must have the first one's size (models take a fixed input)."""
+    first = images[0].shape
+    for img, name in zip(images, names, strict=True):
+        if img.shape != first:
+            raise UserError(f"{name}: {img.shape[1]}×{img.shape[0]} pixels, but {names[0]} is "
+                            f"{first[1]}×{first[0]}; allowed: every image of a split the same size")
+    return np.stack(images)
 
 
 def load_cifar10(split: str, root: str | os.PathLike | None = None, progress: bool = True
@@ -91,8 +105,9 @@ def load_cifar10(split: str, root: str | os.PathLike | None = None, progress: bo
         return cached
     from tqdm import tqdm
 
-    images = np.stack([_decode(p) for _, p in tqdm(files, desc=f"decoding CIFAR-10 {split}", unit="img",
-                                                    disable=not progress, mininterval=1.0)])
+    images = _stack([_decode(p, str(p)) for _, p in tqdm(files, desc=f"decoding CIFAR-10 {split}", unit="img",
+                                                          disable=not progress, mininterval=1.0)],
+                    [str(p) for _, p in files])
     labels = np.array([label for label, _ in files], dtype=np.int64)
 
     def write(f: io.BufferedWriter) -> None:
@@ -134,15 +149,12 @@ def _load_packed(pack: Path, split: str, progress: bool) -> tuple[np.ndarray, np
                         "(make it with python -m scripts.pack_data --splits train,test)") from None
     except (OSError, ValueError) as err:
         raise UserError(f"{pack}: not a readable packed CIFAR-10 file ({err})") from None
-    from PIL import Image
     from tqdm import tqdm
 
-    def decode(i: int) -> np.ndarray:
-        with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-
-    images = np.stack([decode(i) for i in tqdm(range(len(labels)), desc=f"decoding packed CIFAR-10 {split}",
-                                               unit="img", disable=not progress, mininterval=1.0)])
+    names = [f"{pack}: {split} image {i}" for i in range(len(labels))]
+    images = _stack([_decode(blob[offsets[i]:offsets[i + 1]].tobytes(), names[i])
+                     for i in tqdm(range(len(labels)), desc=f"decoding packed CIFAR-10 {split}", unit="img",
+                                   disable=not progress, mininterval=1.0)], names)
     atomic_write(cache, lambda f: np.savez(f, images=images, labels=labels))
     return images, labels
 

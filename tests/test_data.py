@@ -57,6 +57,25 @@ def test_missing_root_is_a_clear_error(tmp_path: Path) -> None:
         load_cifar10("train", tmp_path / "d")
 
 
+def test_unreadable_or_odd_sized_image_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A corrupt file or one image of another size in a user's data folder: one error naming the file, no cache."""
+    monkeypatch.setenv("GHNQ_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    _make_folder(root, per_class=1)
+    bad = root / "test" / "dog" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(UserError, match=rf"^{bad}: not a readable image"):
+        load_cifar10("test", root, progress=False)
+    bad.unlink()
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(root / "test" / "cat" / "wide.png")
+    with pytest.raises(UserError, match=r"wide.png: 64×48 pixels, but .*airplane/0.png is 32×32"):
+        load_cifar10("test", root, progress=False)
+    assert not list((tmp_path / "cache").glob("*.npz"))
+    # all images of one (non-CIFAR) size are fine: the models' input size is the spec's business (fit_images)
+    x, _ = load_cifar10("train", root, progress=False)
+    assert x.shape == (10, 32, 32, 3)
+
+
 def test_embedded_sample_fallback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert SAMPLE_PATH.stat().st_size <= 2_000_000
     x, y, source = load_eval_images(100, root=tmp_path / "no-data")
