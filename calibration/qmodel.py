@@ -186,6 +186,14 @@ class QuantizedModel:
                     raise UserError(f"{where}: input {name!r} is used before any op produces it")
             if op.attrs.get("fused", "none") not in FUSED:
                 raise UserError(f"{where}: fused={op.attrs['fused']!r}; allowed: {', '.join(FUSED)}")
+            if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected") and len(op.inputs) > 2:
+                # TFLite's kernels and XNNPACK both take the int32 bias at scale s_in · s_w[c]; TFLite checks it to
+                # a relative 1e-6, XNNPACK silently re-derives it
+                x, w, b = (self.tensors[n] for n in op.inputs[:3])
+                want = np.float32(x.scale[0]) * w.scale.astype(np.float32)
+                if b.scale.shape != want.shape or not np.allclose(b.scale, want, rtol=1e-6, atol=0):
+                    raise UserError(f"{where}: bias {op.inputs[2]!r} has scale {b.scale[:3]}, but the int8 runtimes "
+                                    f"need input scale × weight scale = {want[:3]}")
             defined.update(op.outputs)
         for name, t in self.tensors.items():
             if len(t.scale) != len(t.zero_point) or not np.all(np.isfinite(t.scale)) or np.any(t.scale <= 0):

@@ -68,7 +68,7 @@ from torchao.quantization.pt2e.quantizer import (
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
 from calibration.qmodel import Op, QuantizedModel
-from export.pipeline import Built, add_common_args, run_export
+from export.pipeline import Built, add_common_args, check_requantization, run_export, runtime_refusal
 from export.verify import Runners
 from ghnq.cli import UserError, drop_native_log_lines, run_cli
 from ghnq.fileio import atomic_write_bytes
@@ -92,6 +92,7 @@ def _where(i: int, op: Op) -> str:
 def check_supported(qm: QuantizedModel) -> None:
     """Everything the writer needs from a QM, checked before any byte is written (UserError)."""
     qm.validate()
+    check_requantization(qm)
     if len(qm.tensors[qm.input].shape) != 4:
         raise UserError(f"input {qm.input!r}: shape {qm.tensors[qm.input].shape}; the writer needs NHWC 4-D input")
     for i, op in enumerate(qm.ops):
@@ -102,7 +103,7 @@ def check_supported(qm: QuantizedModel) -> None:
             t = qm.tensors[name]
             if not t.is_const and (t.bits != 8 or len(t.scale) != 1 or t.dtype != "int8"):
                 raise UserError(f"{_where(i, op)}: tensor {name!r} is {t.bits}-bit/{len(t.scale)}-scale; XNNPACK "
-                                "needs 8-bit per-tensor activations (calibrate with 8-bit activations)")
+                                "needs 8-bit per-tensor activations (calibrate with --act-bits 8)")
             if not t.is_const and not ACT_MIN <= int(t.zero_point[0]) <= ACT_MAX:
                 raise UserError(f"{_where(i, op)}: tensor {name!r} zero point {int(t.zero_point[0])} outside int8")
         if op.kind in GEMM:
@@ -603,14 +604,18 @@ class ExecuTorchRunner:
     channel-first; `fp32` programs get the real value (q − zp) · s of those codes.
     """
 
-    def __init__(self, path: str | Path, threads: int = 1, fp32_input: tuple[float, int] | None = None) -> None:
+    def __init__(self, program: bytes | str | Path, threads: int = 1, fp32_input: tuple[float, int] | None = None
+                 ) -> None:
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
 
         # the runtime probes the CPU and logs each step and every thread-pool reset at its first use
         with drop_native_log_lines(r"\[(cpuinfo_utils|threadpool)\.cpp:\d+\] "):
             portable_lib._unsafe_reset_threadpool(threads)  # XNNPACK's thread pool (a private hook in 1.x)
-            self.method = Runtime.get().load_program(Path(path)).load_method("forward")
+            # the runtime reads a bytes program in place without holding a reference: this object keeps it alive
+            self._program_bytes = program if isinstance(program, bytes) else None
+            data = self._program_bytes if self._program_bytes is not None else Path(program)
+            self.method = Runtime.get().load_program(data).load_method("forward")
         self.fp32_input = fp32_input
         kind = "fp32" if fp32_input else "int8"
         self.name = (f"ExecuTorch {_executorch_version()} XNNPACK ({kind}, {threads} thread{'s' * (threads > 1)})")
@@ -638,13 +643,15 @@ class ExecuTorchRunner:
 
 
 def build(qm: QuantizedModel, out_dir: Path, name: str, args: argparse.Namespace) -> Built:
-    """Writer for the pipeline: both programs built (and so checked) in memory, then written atomically."""
+    """Writer for the pipeline: both programs built (and so checked) in memory and loaded in the runtime, then
+    written atomically — a program the runtime refuses is never written."""
     int8, fp32 = lower(qm), lower(qm, fp32=True)
+    t = qm.tensors[qm.input]
+    with runtime_refusal("the ExecuTorch runtime"):
+        runners = Runners(runner=ExecuTorchRunner(int8.data, args.threads),
+                          float_runners=[ExecuTorchRunner(fp32.data, args.threads, t.qparams)])
     p8 = atomic_write_bytes(out_dir / f"{name}_xnnpack.pte", int8.data)
     p32 = atomic_write_bytes(out_dir / f"{name}_fp32.pte", fp32.data)
-    t = qm.tensors[qm.input]
-    runners = Runners(runner=ExecuTorchRunner(p8, args.threads),
-                      float_runners=[ExecuTorchRunner(p32, args.threads, t.qparams)])
     info = {"route": "QM → torch module → PT2E (QM-fixed quantizer) → quantize_input/output → "
                      "to_edge_transform_and_lower(XnnpackPartitioner)", "executorch": _executorch_version(),
             "delegation": int8.delegation, "fp32_delegation": fp32.delegation,

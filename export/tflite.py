@@ -32,7 +32,7 @@ from ai_edge_litert import schema_py_generated as tfl
 
 from calibration.qmodel import Op, QuantizedModel, Tensor
 from calibration.reference import hardswish_table
-from export.pipeline import Built, add_common_args, run_export
+from export.pipeline import Built, add_common_args, check_requantization, run_export, runtime_refusal
 from export.verify import Runners
 from ghnq.cli import UserError, drop_native_log_lines, run_cli
 from ghnq.fileio import atomic_write_bytes
@@ -410,6 +410,7 @@ EMITTERS = {
 def check_supported(qm: QuantizedModel) -> None:
     """Everything the int8 writer needs from a QM, checked before any byte is written (UserError)."""
     qm.validate()
+    check_requantization(qm)
     for op in qm.ops:
         if op.kind not in EMITTERS:
             raise UserError(f"{_where(op)}: no TFLite mapping for op kind {op.kind!r}; supported: "
@@ -418,7 +419,7 @@ def check_supported(qm: QuantizedModel) -> None:
             t = qm.tensors[name]
             if not t.is_const and (t.bits != 8 or len(t.scale) != 1):
                 raise UserError(f"{_where(op)}: tensor {name!r} is {t.bits}-bit/{len(t.scale)}-scale; the int8 "
-                                "TFLite writer needs 8-bit per-tensor activations (calibrate with --bits 8)")
+                                "TFLite writer needs 8-bit per-tensor activations (calibrate with --act-bits 8)")
             if t.is_const and (np.any(t.zero_point != 0) or t.axis not in (0, None)):
                 raise UserError(f"{_where(op)}: constant {name!r} must be symmetric per-channel on axis 0")
         if op.kind in ("conv2d", "depthwise_conv2d") and len(qm.tensors[op.inputs[0]].shape) != 4:
@@ -541,8 +542,8 @@ def _litert_version() -> str:
 class _Fp32Runner:
     """The fp32 twin fed the real value of the int8 input codes ((q - zp) · s = pixel / 255)."""
 
-    def __init__(self, path: Path, qm: QuantizedModel, threads: int) -> None:
-        self.inner = LiteRTRunner(path, "xnnpack", threads)
+    def __init__(self, model: bytes | Path, qm: QuantizedModel, threads: int) -> None:
+        self.inner = LiteRTRunner(model, "xnnpack", threads)
         t = qm.tensors[qm.input]
         self.scale, self.zp = t.qparams
         self.name = "fp32 twin, " + self.inner.name
@@ -552,16 +553,18 @@ class _Fp32Runner:
 
 
 def build(qm: QuantizedModel, out_dir: Path, name: str, args: argparse.Namespace) -> Built:
-    """Writer for the pipeline: both files built (and so checked) in memory, then written atomically."""
+    """Writer for the pipeline: both files built (and so checked) in memory and opened in LiteRT, then written
+    atomically — a file the runtime refuses is never written."""
     int8, fp32 = build_tflite(qm), build_tflite(qm, fp32=True)
+    threads = args.threads
+    with runtime_refusal("LiteRT"):
+        runners = Runners(runner=LiteRTRunner(int8, "xnnpack", threads),
+                          exact_runners=[LiteRTRunner(int8, "ref")],
+                          layer_runners=[LiteRTRunner(int8, "ref", preserve_all=True),
+                                         LiteRTRunner(int8, "builtin", preserve_all=True)] if args.per_layer else [],
+                          float_runners=[_Fp32Runner(fp32, qm, threads)])
     p8 = atomic_write_bytes(out_dir / f"{name}_int8.tflite", int8)
     p32 = atomic_write_bytes(out_dir / f"{name}_fp32.tflite", fp32)
-    threads = args.threads
-    runners = Runners(runner=LiteRTRunner(p8, "xnnpack", threads),
-                      exact_runners=[LiteRTRunner(p8, "ref")],
-                      layer_runners=[LiteRTRunner(p8, "ref", preserve_all=True),
-                                     LiteRTRunner(p8, "builtin", preserve_all=True)] if args.per_layer else [],
-                      float_runners=[_Fp32Runner(p32, qm, threads)])
     info = {"builder": "schema object API (ai_edge_litert.schema_py_generated)", "litert": _litert_version(),
             "int8_ops": op_histogram(int8), "fp32_ops": op_histogram(fp32)}
     return Built(artifact=p8, runners=runners, artifacts={"int8": p8, "fp32": p32}, info=info)

@@ -776,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     path = save_qm(result, out / f"{name}.qm")
     atomic_write_text(out / "history.json", json.dumps({"report": report, "history": search.history}, indent=1))
     print(json.dumps({k: report[k] for k in report if k not in ("config", "start_fitness", "final_fitness")}))
-    print(f"wrote {path}", file=sys.stderr)
+    print(f"wrote {path} (to a device: python -m export.tflite --qm {path})", file=sys.stderr)
     return 0
 
 

@@ -455,3 +455,79 @@ def test_native_log_filter_passes_other_lines_on(capfd: pytest.CaptureFixture) -
         os.write(2, b"[noise.cpp:12] probing\nERROR: a real problem\n[noise.cpp:99] more\nlast, unterminated")
     os.write(2, b"\n[noise.cpp:1] after the block\n")
     assert capfd.readouterr().err == "ERROR: a real problem\nlast, unterminated\n[noise.cpp:1] after the block\n"
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "executorch"])
+def test_qm_file_is_exported_as_it_is(fmt: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--qm`: a .qm from `python -m calibration` (4-bit weights, a non-square input) is written and verified with
+    exactly its parameters — no weights, no calibration; calibration flags are refused with it."""
+    from calibration.__main__ import main as calibrate_main
+    from export import tflite as T
+
+    spec = tmp_path / "k.yaml"
+    spec.write_text("name: k\ninput: [3, 24, 40]\nstem: {out: 8, stride: 2}\n"
+                    "stages: [{block: mbconv, out: 16, stride: 2, se: true, act: hardswish}]\n")
+    qm_file = tmp_path / "k4.qm"
+    assert calibrate_main(["--arch", str(spec), "--bits", "4", "--images", "32", "--eval-images", "0",
+                           "-o", str(qm_file)]) in (0, None)
+    module = T if fmt == "tflite" else E
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        run_cli(module.main, ["--qm", str(qm_file), "--out", str(out), "--verify-images", "16",
+                              "--reference-images", "16", "--quiet"])
+    assert e.value.code in (0, None), capsys.readouterr().err
+    capsys.readouterr()
+    r = json.loads((out / "report.json").read_text())
+    assert r["passed"] and r["images"] == 16 and r["spec"] == str(qm_file)
+    assert r["calibration"]["weight_bits"] == 4 and r["calibration"]["from"] == str(qm_file)
+    assert r["accuracy_float"] is None  # a .qm carries no float weights
+    a, b = load_qm(qm_file), load_qm(out / "k.qm")
+    assert a.ops == b.ops and set(a.tensors) == set(b.tensors)
+    for k, t in a.tensors.items():
+        u = b.tensors[k]
+        assert np.array_equal(t.scale, u.scale) and np.array_equal(t.zero_point, u.zero_point), k
+        assert (t.data is None and u.data is None) or np.array_equal(t.data, u.data), k
+    assert np.load(out / "verify" / "inputs_int8.npy").shape == (16, 24, 40, 3)
+    for flags in (["--bits", "8"], ["--weights", str(qm_file)], ["--calib-images", "8"], ["--no-bn-recalibrate"]):
+        code, err = _cli(["--qm", str(qm_file), "--out", str(tmp_path / "o2"), "--quiet", *flags], capsys)
+        flag = flags[0].replace("--no-", "--")
+        assert code == 2 and err.startswith(f"error: {flag}: not used with --qm"), err
+    assert not (tmp_path / "o2").exists()
+
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "executorch"])
+def test_qm_xnnpack_cannot_load_is_refused_and_nothing_written(fmt: str, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QM with a requantization scale ≥ 256 (an SE gate's output range far narrower than its input's, as BN
+    statistics that do not fit the weights make): refused up front naming the op; and were the check missing,
+    the runtime's own refusal is one line too — neither leaves a file."""
+    from calibration.qmodel import save as save_qm
+    from export import tflite as T
+
+    spec = tmp_path / "k.yaml"
+    spec.write_text("name: k\ninput: [3, 16, 16]\nstem: {out: 8}\nstages: [{block: mbconv, out: 8, se: true}]\n")
+    model = build_model(load_spec(spec))
+    calib, _, _ = load_eval_images(16, split="train", quiet=True)
+    qm = calibrate(model, calib[:, :16, :16], progress=False, meta={"name": "k"})
+    gate = next(i for i, op in enumerate(qm.ops) if op.attrs.get("fused") == "relu_0_to_1")
+    src, w, dst = (qm.tensors[n] for n in (*qm.ops[gate].inputs[:2], qm.ops[gate].outputs[0]))
+    src.scale = np.float32(1000 * dst.scale[0] / w.scale.max()) * np.ones_like(src.scale)  # gate input range blown up
+    assert float(src.scale[0] * w.scale.max() / dst.scale[0]) > 256
+    qm.tensors[qm.ops[gate].inputs[2]].scale = np.float32(src.scale[0]) * w.scale.astype(np.float32)  # consistent
+    bad = save_qm(qm, tmp_path / "bad.qm")
+    module = T if fmt == "tflite" else E
+    argv = ["--qm", str(bad), "--out", str(tmp_path / "o"), "--verify-images", "8", "--reference-images", "4",
+            "--quiet"]
+    with pytest.raises(SystemExit) as e:
+        run_cli(module.main, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"op {gate} (conv2d" in err and "requantization scale" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    monkeypatch.setattr(module, "check_requantization", lambda qm: None)
+    with pytest.raises(SystemExit) as e:
+        run_cli(module.main, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "refused the artifact" in err and "nothing was written" in err, err
+    assert not list((tmp_path / "o").glob("*.tflite")) and not list((tmp_path / "o").glob("*.pte"))
