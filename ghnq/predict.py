@@ -7,6 +7,8 @@
 
 Prediction only fills parameters: it does not train, switch modes or print. Normalization layers get
 weight 1, bias 0 and fresh running statistics (calibration re-estimates BN statistics on real images).
+The command also re-estimates them (`--bn-images`, 512 training images by default) before it saves, so the
+file is a complete float model: `export.tflite --weights weights.pt` then matches the default GHN-Q export.
 The checkpoint file carries the GHN's config, its state_dict and a sha256 of that state_dict's tensors;
 a damaged or mismatched file is refused with a one-line UserError.
 """
@@ -143,12 +145,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", required=True, help="spec.yaml")
     ap.add_argument("--bits", default="8", help="target weight bit width: float or 2-8 (default 8)")
     ap.add_argument("--checkpoint", default=None, help="GHN-Q checkpoint (default: the shipped one)")
+    ap.add_argument("--bn-images", type=int, default=512, metavar="N",
+                    help="training images to re-estimate BN statistics on before saving (default 512; 0 keeps "
+                         "placeholder statistics: mean 0, variance 1)")
+    ap.add_argument("--data-root", metavar="DIR", help="CIFAR-10 JPEG root (default: $GHNQ_DATA_ROOT or "
+                    "../shared/data/cifar10-jpeg; without one, the embedded sample)")
     ap.add_argument("-o", "--out", required=True, help="output state_dict (.pt)")
     args = ap.parse_args(argv)
     conditioning(args.bits)
-    model = build_model(load_spec(args.arch))
+    if args.bn_images < 0:
+        raise UserError(f"--bn-images: got {args.bn_images}; allowed: 0 or more")
+    spec = load_spec(args.arch)
+    model = build_model(spec)
     predict(model, bits=args.bits, checkpoint=args.checkpoint)
+    bn = "placeholder BN statistics (--bn-images 0: re-estimate them before use)"
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    if args.bn_images and has_bn:
+        from calibration.bn import recalibrate_bn
+        from ghnq.data import fit_images, load_eval_images
+
+        images, _, source = load_eval_images(args.bn_images, args.data_root, split="train", quiet=True)
+        recalibrate_bn(model, fit_images(images, spec["input"], f"{args.arch}: input"), progress=False)
+        bn = f"BN statistics from {len(images)} training images ({source})"
     atomic_torch_save(args.out, model.state_dict())
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out}: {n:,} parameters predicted by GHN-Q for bits={args.bits}"
+          + (f"; {bn}" if has_bn else ""), file=sys.stderr)
     return 0
 
 

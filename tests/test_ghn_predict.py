@@ -84,7 +84,20 @@ def test_cli(ckpt: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
     model = build_model(load_spec(ROOT / "specs/sepnet.yaml"))
-    model.load_state_dict(torch.load(out, weights_only=True))
+    state = torch.load(out, weights_only=True)
+    model.load_state_dict(state)
+    # the saved file is a complete float model: BN statistics measured on real images, not placeholders
+    assert "BN statistics from 512 training images" in r.stderr, r.stderr
+    bn = next(k for k in state if k.endswith("running_var"))
+    assert not torch.equal(state[bn], torch.ones_like(state[bn]))
+    assert not torch.equal(state[bn.replace("running_var", "running_mean")], torch.zeros_like(state[bn]))
+    # the prediction itself is the in-place API's: only BN statistics differ
+    ref = predict(build_model(load_spec(ROOT / "specs/sepnet.yaml")), bits=4, checkpoint=ckpt).state_dict()
+    assert all(torch.equal(state[k], v) for k, v in ref.items() if "running_" not in k and "num_batches" not in k)
+    r = subprocess.run(cmd + ["--bits", "4", "--bn-images", "0", "-o", str(tmp_path / "p.pt")], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0 and "placeholder BN statistics" in r.stderr, r.stderr
+    assert torch.equal(torch.load(tmp_path / "p.pt", weights_only=True)[bn], torch.ones_like(state[bn]))
     r = subprocess.run(cmd + ["--bits", "9", "-o", str(tmp_path / "x.pt")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith("error: bits: got '9'") and "Traceback" not in r.stderr
     assert not (tmp_path / "x.pt").exists()
