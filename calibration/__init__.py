@@ -1,7 +1,7 @@
 """calibration: float model → one QuantizedModel (every scale and zero point), its fake-quant simulation
 and its bit-exact integer reference.
 
-    qm = calibrate(model, images_uint8, method="minmax", weight_bits=8, act_bits=8, bn_recalibrate=False)
+    qm = calibrate(model, images_uint8, method="minmax", weight_bits=8, act_bits=8)
     codes = simulate(qm, images_uint8)                 # torch fake-quant, int8 logit codes
     codes = reference.run(qm, images_uint8)            # numpy integer reference (TFLite reference kernels)
     save(qm, "model.qm"); qm = load("model.qm")
@@ -14,7 +14,7 @@ from torch import nn
 
 import ghnq  # noqa: F401  first: its __init__ quiets two import-time warnings of torchao / torch (see there)
 from calibration import reference
-from calibration.bn import BN_BATCH, recalibrate_bn
+from calibration.bn import BN_BATCH, has_placeholder_bn, recalibrate_bn
 from calibration.convert import float_graph, fold_input_normalization, observe, quantize
 from calibration.qmodel import Op, QuantizedModel, Tensor, load, save
 from calibration.sim import Simulator, simulate
@@ -24,14 +24,20 @@ __all__ = ["calibrate", "simulate", "Simulator", "reference", "QuantizedModel", 
 
 
 def calibrate(model: nn.Module, images: np.ndarray, method: str = "minmax", weight_bits: int = 8,
-              act_bits: int = 8, bn_recalibrate: bool = False, batch_size: int = BN_BATCH, progress: bool = True,
-              meta: dict | None = None) -> QuantizedModel:
+              act_bits: int = 8, bn_recalibrate: bool | None = None, batch_size: int = BN_BATCH,
+              progress: bool = True, meta: dict | None = None) -> QuantizedModel:
     """Quantize a float model on uint8 NHWC calibration images; the model itself is not modified
-    (except its BN statistics when `bn_recalibrate`)."""
+    (except its BN statistics when they are re-estimated).
+
+    `bn_recalibrate=None` (default) re-estimates BN statistics when every BN still holds its placeholder
+    statistics (mean 0, variance 1: a fresh module, or one `ghnq.predict` just filled), and keeps trained ones.
+    """
     images = np.asarray(images)
     if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
         raise UserError(f"calibration images: got {images.dtype} array of shape {list(images.shape)}; "
                         "need a non-empty uint8 NHWC array [N, H, W, 3]")
+    if bn_recalibrate is None:
+        bn_recalibrate = has_placeholder_bn(model)
     if bn_recalibrate:
         recalibrate_bn(model, images, batch_size=batch_size, progress=progress)
     model.eval()

@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None, help="CIFAR-10 JPEG root (default $GHNQ_DATA_ROOT or "
                    "../shared/data/cifar10-jpeg; the embedded sample when absent)")
     p.add_argument("--bn-recalibrate", action=argparse.BooleanOptionalAction, default=None,
-                   help="re-estimate BN statistics on the calibration images before folding (default: on for "
-                   "predicted or random weights, whose BN statistics are placeholders; off for --weights)")
+                   help="re-estimate BN statistics on the calibration images before folding (default: when "
+                   "they are placeholders, mean 0 / variance 1, as with predicted or random weights)")
     p.add_argument("--eval-images", type=int, default=0, help="report float and simulated top-1 on this many "
                    "test images")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init fallback")
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     images, _, img_source = load_eval_images(a.images, root=a.data_root, split="train")
     images = fit_images(images, spec["input"], f"{a.arch}: input")
     qm = calibrate(model, images, method=a.method, weight_bits=a.bits, act_bits=a.act_bits,
-                   bn_recalibrate=a.bn_recalibrate if a.bn_recalibrate is not None else a.weights is None,
+                   bn_recalibrate=a.bn_recalibrate,
                    meta={"name": spec_name(spec), "weights": source, "calibration_source": img_source,
                          "arch": str(a.arch)})
     if a.eval_images > 0:

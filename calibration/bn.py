@@ -44,6 +44,12 @@ def recalibrate_bn(model: nn.Module, images: np.ndarray, batch_size: int = BN_BA
     return len(bns)
 
 
+def has_placeholder_bn(model: nn.Module) -> bool:
+    """True when the model has BN layers and every one still holds torch's initial statistics (mean 0, var 1)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None]
+    return bool(bns) and all(bool((m.running_mean == 0).all() and (m.running_var == 1).all()) for m in bns)
+
+
 def fold_weights(w: torch.Tensor, b: torch.Tensor | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """(w', b') of the conv that equals conv(w, b) followed by `bn` in eval mode."""
     w64 = w.detach().double()

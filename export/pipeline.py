@@ -67,8 +67,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", metavar="DIR", help="CIFAR-10 JPEG root (default: $GHNQ_DATA_ROOT or "
                    "../shared/data/cifar10-jpeg; without one, the embedded 512-image sample is used)")
     p.add_argument("--bn-recalibrate", action=argparse.BooleanOptionalAction, default=None,
-                   help="re-estimate BN statistics on the calibration images before folding (default: on for "
-                   "predicted or random weights, off for --weights)")
+                   help="re-estimate BN statistics on the calibration images before folding (default: when "
+                   "they are placeholders, mean 0 / variance 1, as with predicted or random weights)")
     p.add_argument("--verify-images", type=int, default=1000, metavar="N", help="test images to verify on (1000)")
     p.add_argument("--reference-images", type=int, default=250, metavar="N",
                    help="of those, how many also run through the integer reference and the exact runners (250)")
@@ -143,15 +143,14 @@ def calibrated_source(args: argparse.Namespace, stage: _Stages) -> Source:
         print(f"WARNING: {name}: random weights — the exported model predicts at chance level and its "
               "verification tolerance is likely to fail (random layers amplify rounding)", file=sys.stderr)
     stage("calibration")
-    bn = args.bn_recalibrate if args.bn_recalibrate is not None else args.weights is None
     calib, _, calib_source = load_eval_images(args.calib_images, args.data_root, split="train", quiet=args.quiet)
     calib = fit_images(calib, spec["input"], f"{args.arch}: input")
-    qm = calibrate(model, calib, method=args.method, weight_bits=args.bits, act_bits=8, bn_recalibrate=bn,
-                   progress=not args.quiet, meta={"name": name, "weights": weights,
-                                                  "calibration_source": calib_source})
+    qm = calibrate(model, calib, method=args.method, weight_bits=args.bits, act_bits=8,
+                   bn_recalibrate=args.bn_recalibrate, progress=not args.quiet,
+                   meta={"name": name, "weights": weights, "calibration_source": calib_source})
     return Source(qm, name, spec["input"], f"{args.arch}: input", weights,
                   {"method": args.method, "weight_bits": args.bits, "images": len(calib), "source": calib_source,
-                   "bn_recalibrated": bool(bn)}, model)
+                   "bn_recalibrated": bool(qm.meta["bn_recalibrated"])}, model)
 
 
 def file_source(args: argparse.Namespace, stage: _Stages) -> Source:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import zipfile
@@ -377,3 +378,26 @@ def test_cli_writes_qm_and_refuses_bad_input(tmp_path):
     assert r.returncode == 2 and "images" in r.stderr and not bad_out.exists()
     r = _cli("--arch", str(ROOT / "specs/sepnet.yaml"), "--bits", "3", "-o", str(bad_out), cwd=tmp_path)
     assert r.returncode == 2 and not bad_out.exists()
+
+
+def test_placeholder_bn_statistics_are_re_estimated_by_default(calib_images) -> None:
+    """After ghnq.predict (or on a fresh module) every BN holds mean 0 / var 1: calibrate() measures them first;
+    statistics that were measured are kept unless asked."""
+    from calibration.bn import has_placeholder_bn
+
+    torch.manual_seed(0)
+    fresh = build_model(load_spec(ROOT / "specs" / "sepnet.yaml"))
+    assert has_placeholder_bn(fresh)
+    auto = calibrate(copy.deepcopy(fresh), calib_images[:32], progress=False)
+    forced = calibrate(copy.deepcopy(fresh), calib_images[:32], bn_recalibrate=True, progress=False)
+    kept = calibrate(copy.deepcopy(fresh), calib_images[:32], bn_recalibrate=False, progress=False)
+    assert auto.meta["bn_recalibrated"] and not kept.meta["bn_recalibrated"]
+    w = auto.weight_keys()[0]
+    assert np.array_equal(auto.tensors[w].scale, forced.tensors[w].scale)  # BN folded into the weights' scales
+    assert not np.array_equal(auto.tensors[w].scale, kept.tensors[w].scale)
+    measured = _model("sepnet.yaml", calib_images)
+    assert not has_placeholder_bn(measured)
+    before = copy.deepcopy(measured.state_dict())
+    assert not calibrate(measured, calib_images[:32], progress=False).meta["bn_recalibrated"]
+    assert all(torch.equal(before[k], v) for k, v in measured.state_dict().items())
+    assert not has_placeholder_bn(nn.Sequential(nn.Conv2d(3, 4, 1)))  # no BN at all: nothing to measure

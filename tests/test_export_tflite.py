@@ -407,3 +407,26 @@ def test_unsupported_model_exits_2_and_writes_nothing(tmp_path: Path, capsys: py
                       "--calib-images", "8", "--quiet"], capsys)
     assert code == 2 and "no TFLite mapping" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_bn_statistics_are_measured_unless_the_weights_carry_them(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """--weights holding placeholder BN statistics (mean 0 / var 1: untrained, or predicted without --bn-images)
+    are re-estimated by default; measured ones are kept; the report says which."""
+    spec = tmp_path / "b.yaml"
+    spec.write_text("name: b\ninput: [3, 16, 16]\nstem: {out: 8}\nstages: [{block: basic, out: 8}]\n")
+    torch.manual_seed(0)
+    model = build_model(load_spec(spec))
+    torch.save(model.state_dict(), tmp_path / "placeholder.pt")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.fill_(4.0)
+    torch.save(model.state_dict(), tmp_path / "measured.pt")
+    for weights, expected in (("placeholder", True), ("measured", False)):
+        out = tmp_path / weights
+        code, err = _cli(["--arch", str(spec), "--weights", str(tmp_path / f"{weights}.pt"), "--out", str(out),
+                          "--calib-images", "16", "--verify-images", "8", "--reference-images", "4",
+                          "--max-step-error", "100", "--min-agreement", "0", "--quiet"], capsys)
+        assert code == 0, err
+        assert json.loads((out / "report.json").read_text())["calibration"]["bn_recalibrated"] is expected
