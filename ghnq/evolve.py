@@ -608,7 +608,7 @@ def start_model(arch: str, bits: int, init: str, weights: str | None, calib: np.
         from ghnq.train import load_weights
 
         load_weights(model, weights)
-        src, bn = f"PTQ of {weights}", False
+        src, bn = f"PTQ of {weights}", None  # re-estimated only if the file holds placeholder BN statistics
     else:
         from ghnq.weights import ghnq_checkpoint
 

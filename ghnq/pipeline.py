@@ -86,7 +86,7 @@ def final_qm_path(ctx: Ctx) -> Path:
 
 
 def stage_predict(ctx: Ctx, folder: Path) -> dict:
-    from calibration.bn import recalibrate_bn
+    from calibration.bn import has_placeholder_bn, recalibrate_bn
     from export.verify import float_accuracy
     from ghnq.spec import build_model
     from ghnq.weights import obtain_weights
@@ -94,10 +94,11 @@ def stage_predict(ctx: Ctx, folder: Path) -> dict:
     a = ctx.args
     model = build_model(ctx.spec)
     weights = obtain_weights(model, a.weights, bits=a.bits, seed=a.seed, quiet=a.quiet)
-    if a.weights is None:  # predicted (or random) weights come with fresh BN statistics
+    bn = has_placeholder_bn(model)  # predicted or random weights (or an unmeasured file) come with placeholders
+    if bn:
         recalibrate_bn(model, ctx.calib, progress=not a.quiet)
     path = atomic_torch_save(folder / "weights.pt", model.state_dict())
-    return {"outputs": {"weights": str(path)}, "weights": weights, "bn_recalibrated": a.weights is None,
+    return {"outputs": {"weights": str(path)}, "weights": weights, "bn_recalibrated": bn,
             "accuracy": float_accuracy(model, ctx.test, ctx.labels), "accuracy_of": "float model"}
 
 
