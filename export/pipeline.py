@@ -49,7 +49,7 @@ class Built:
 Build = Callable[[QuantizedModel, Path, str, argparse.Namespace], Built]
 
 
-# Calibration flags: their defaults, and why --qm refuses them (a .qm already fixes every parameter).
+# Calibration flags default to None on the command line so that --qm can tell they were given; these fill in.
 CALIBRATION_DEFAULTS = {"method": "minmax", "bits": 8, "calib_images": 512}
 
 
