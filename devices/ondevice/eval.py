@@ -205,7 +205,8 @@ def open_model(path: str, threads: int):
 @contextlib.contextmanager
 def _stderr_shown_on_failure():
     """Hold what is written to fd 2 (the runtimes' C++ loggers: LiteRT's delegate banner, ExecuTorch's cpuinfo
-    probing) and show it only if the block fails. Their Python bindings have no switch for it."""
+    probing) and show it only if the block fails. Their Python bindings have no switch for it. (The host's
+    ghnq.cli.drop_native_log_lines catches fd 2 the same way; this script runs without the toolkit.)"""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
