@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     conditioning(args.bits)
     if args.bn_images < 0:
         raise UserError(f"--bn-images: got {args.bn_images}; allowed: 0 or more")
+    if args.data_root is not None and not Path(args.data_root).exists():
+        raise UserError(f"--data-root {args.data_root}: no such folder or packed file")
     spec = load_spec(args.arch)
     model = build_model(spec)
     predict(model, bits=args.bits, checkpoint=args.checkpoint)

@@ -98,6 +98,9 @@ def test_cli(ckpt: Path, tmp_path: Path) -> None:
                        text=True, cwd=ROOT)
     assert r.returncode == 0 and "placeholder BN statistics" in r.stderr, r.stderr
     assert torch.equal(torch.load(tmp_path / "p.pt", weights_only=True)[bn], torch.ones_like(state[bn]))
+    r = subprocess.run(cmd + ["--data-root", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x.pt")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "--data-root" in r.stderr and not (tmp_path / "x.pt").exists(), r.stderr
     r = subprocess.run(cmd + ["--bits", "9", "-o", str(tmp_path / "x.pt")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith("error: bits: got '9'") and "Traceback" not in r.stderr
     assert not (tmp_path / "x.pt").exists()
