@@ -33,6 +33,7 @@ from calibration.qmodel import (
     INPUT_SCALE,
     INPUT_ZERO_POINT,
     WEIGHT_BITS,
+    WEIGHTED_OPS,
     Op,
     QuantizedModel,
     Tensor,
@@ -45,7 +46,7 @@ SUPPORTED = ("Conv2d (groups 1 or depthwise), Linear, BatchNorm2d right after a 
              "Hardsigmoid right after a Conv2d/Linear, tensor + tensor, tensor * tensor, AdaptiveAvgPool2d(1), "
              "mean over H,W, MaxPool2d, AvgPool2d, ZeroPad2d, Flatten/flatten/reshape/view to [N, C], "
              "Identity, Dropout")
-FUSABLE = ("conv2d", "depthwise_conv2d", "fully_connected", "add")
+FUSABLE = (*WEIGHTED_OPS, "add")
 SHARES_INPUT_QPARAMS = ("max_pool2d", "avg_pool2d", "pad", "reshape")
 
 
@@ -158,7 +159,7 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
         if kind == "alias":
             name_of[node] = ins[0]
             continue
-        if kind in ("conv2d", "depthwise_conv2d", "fully_connected"):
+        if kind in WEIGHTED_OPS:
             w = mod.weight.detach().float().clone()
             b = mod.bias.detach().float().clone() if mod.bias is not None else torch.zeros(w.shape[0])
             for pname, p in (("weight", w), ("bias", b)):
@@ -296,7 +297,7 @@ def _fuse_activations(ops: list[Op], params: dict[str, torch.Tensor]) -> list[Op
             continue
         src = op.inputs[0]
         p = producer.get(src)
-        allowed = ("conv2d", "depthwise_conv2d", "fully_connected") if op.kind == "hardsigmoid" else FUSABLE
+        allowed = WEIGHTED_OPS if op.kind == "hardsigmoid" else FUSABLE
         if p is None or p.kind not in allowed or p.attrs.get("fused") != "none" or consumers.get(src, 0) != 1:
             what = "hardsigmoid" if op.kind == "hardsigmoid" else op.kind
             raise UserError(f"model node {op.source!r}: {what} after {p.kind if p else 'the input'} "
@@ -416,7 +417,7 @@ def quantize(g: FloatGraph, act_qparams: dict[str, tuple[float, int, float, floa
             act(out, unit_scale, -(1 << (act_bits - 1)), act_bits, 0.0, 1.0)
         else:
             act(out, *act_qparams[out][:2], act_bits, *act_qparams[out][2:])
-        if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected"):
+        if op.kind in WEIGHTED_OPS:
             wk, bk = op.inputs[1], op.inputs[2]
             qw, sw = quantize_weight(g.params[wk], weight_bits)
             s_in = float(tensors[op.inputs[0]].scale[0])

@@ -99,8 +99,8 @@ from ghnq.fileio import atomic_write
 
 FORMAT = "ghnq-qm"
 VERSION = 1
-OP_KINDS = ("conv2d", "depthwise_conv2d", "fully_connected", "add", "mul", "mean", "max_pool2d",
-            "avg_pool2d", "hardswish", "pad", "reshape")
+WEIGHTED_OPS = ("conv2d", "depthwise_conv2d", "fully_connected")  # inputs: (x, int8 weight[, int32 bias])
+OP_KINDS = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", "hardswish", "pad", "reshape")
 FUSED = ("none", "relu", "relu6", "relu_0_to_1")
 WEIGHT_BITS = (8, 6, 4, 2)
 INPUT_SCALE = float(np.float32(1.0 / 255.0))
@@ -163,7 +163,7 @@ class QuantizedModel:
 
     def weight_keys(self) -> list[str]:
         """Names of the int8 weight tensors, in op order (the keys simulate()/evolve override)."""
-        return [op.inputs[1] for op in self.ops if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected")]
+        return [op.inputs[1] for op in self.ops if op.kind in WEIGHTED_OPS]
 
     def output_qparams(self) -> tuple[float, int]:
         """(scale, zero point) of the output tensor: logit = scale * (code - zero point)."""
@@ -186,7 +186,7 @@ class QuantizedModel:
                     raise UserError(f"{where}: input {name!r} is used before any op produces it")
             if op.attrs.get("fused", "none") not in FUSED:
                 raise UserError(f"{where}: fused={op.attrs['fused']!r}; allowed: {', '.join(FUSED)}")
-            if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected") and len(op.inputs) > 2:
+            if op.kind in WEIGHTED_OPS and len(op.inputs) > 2:
                 # TFLite's kernels and XNNPACK both take the int32 bias at scale s_in · s_w[c]; TFLite checks it to
                 # a relative 1e-6, XNNPACK silently re-derives it
                 x, w, b = (self.tensors[n] for n in op.inputs[:3])

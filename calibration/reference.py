@@ -30,7 +30,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from calibration.qmodel import Op, QuantizedModel, input_codes
+from calibration.qmodel import WEIGHTED_OPS, Op, QuantizedModel, input_codes
 from ghnq.cli import UserError
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
@@ -343,7 +343,7 @@ def run_op(qm: QuantizedModel, op: Op, env: dict[str, np.ndarray]) -> np.ndarray
     q = {n: T[n].qparams for n in op.inputs + op.outputs if not T[n].is_const}
     out = op.outputs[0]
     k = op.kind
-    if k in ("conv2d", "depthwise_conv2d", "fully_connected"):
+    if k in WEIGHTED_OPS:
         x, w, b = op.inputs
         fn = {"conv2d": conv2d, "depthwise_conv2d": depthwise_conv2d, "fully_connected": fully_connected}[k]
         return fn(op, env[x], T[w].data, T[b].data, q[x][1], q[x][0], T[w].scale, q[out][0], q[out][1])

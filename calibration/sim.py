@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calibration.qmodel import Op, QuantizedModel, input_codes
+from calibration.qmodel import WEIGHTED_OPS, Op, QuantizedModel, input_codes
 from calibration.reference import activation_range, hardswish_table, mean_multiplier, quantize_multiplier
 
 Hook = Callable[[str, torch.Tensor], torch.Tensor]
@@ -149,7 +149,7 @@ class Simulator:
         s_out, zp_out, qmin, qmax = self.q[out]
         p: dict = {"clamp": activation_range(op, s_out, zp_out, qmin, qmax)}
         dev = self.device
-        if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected"):
+        if op.kind in WEIGHTED_OPS:
             s_in = self.q[op.inputs[0]][0]
             s_w = self.qm.tensors[op.inputs[1]].scale
             eff = [float(s_in) * float(s) / float(s_out) for s in s_w]
@@ -194,7 +194,7 @@ class Simulator:
         k, a = op.kind, op.attrs
         s_out, zp_out, _, _ = self.q[op.outputs[0]]
         ins = [self.q.get(n) for n in op.inputs]
-        if k in ("conv2d", "depthwise_conv2d", "fully_connected"):
+        if k in WEIGHTED_OPS:
             x, w, b = args
             xo = x - ins[0][1]
             if k == "fully_connected":
@@ -376,7 +376,7 @@ def xnn_params(qm: QuantizedModel, op: Op) -> dict:
     """The per-op constants XNNPACK derives from the (float32) scales and zero points when it creates the op."""
     t = qm.tensors
     s_in, s_out = _f32(t[op.inputs[0]].scale[0]), _f32(t[op.outputs[0]].scale[0])
-    if op.kind in ("conv2d", "depthwise_conv2d", "fully_connected"):
+    if op.kind in WEIGHTED_OPS:
         # src/operators/convolution-nhwc.c init_requantization_scale_qx8_qc8w, fully-connected-nc.c:
         # requantization_scale[c] = input_scale * kernel_scale[c] / output_scale (float32)
         return {"scale": torch.from_numpy((s_in * np.asarray(t[op.inputs[1]].scale, _f32)) / s_out)}

@@ -67,15 +67,13 @@ from torchao.quantization.pt2e.quantizer import (
 )
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
-from calibration.qmodel import Op, QuantizedModel
+from calibration.qmodel import WEIGHTED_OPS, Op, QuantizedModel
 from export.pipeline import Built, add_common_args, check_requantization, run_export, runtime_refusal
 from export.verify import Runners
 from ghnq.cli import UserError, drop_native_log_lines, run_cli
 from ghnq.fileio import atomic_write_bytes
 
-GEMM = ("conv2d", "depthwise_conv2d", "fully_connected")
-SUPPORTED = ("conv2d", "depthwise_conv2d", "fully_connected", "add", "mul", "mean", "max_pool2d", "avg_pool2d",
-             "hardswish", "pad", "reshape")
+SUPPORTED = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", "hardswish", "pad", "reshape")
 # XNNPACK's ExecuTorch partitioner lowers these only in fp32: inside the delegate they run between convert ops.
 FP32_ONLY = ("hardswish", "avg_pool2d", "pad")
 # Compute ops that must end up inside the XNNPACK delegate (edge-dialect op names of get_delegation_info).
@@ -106,7 +104,7 @@ def check_supported(qm: QuantizedModel) -> None:
                                 "needs 8-bit per-tensor activations (calibrate with --act-bits 8)")
             if not t.is_const and not ACT_MIN <= int(t.zero_point[0]) <= ACT_MAX:
                 raise UserError(f"{_where(i, op)}: tensor {name!r} zero point {int(t.zero_point[0])} outside int8")
-        if op.kind in GEMM:
+        if op.kind in WEIGHTED_OPS:
             w, b = qm.tensors[op.inputs[1]], qm.tensors[op.inputs[2]]
             if np.any(w.zero_point != 0) or w.axis not in (0, None) or len(w.scale) != w.data.shape[0]:
                 raise UserError(f"{_where(i, op)}: weight {op.inputs[1]!r} must be symmetric per-channel on axis 0")
@@ -155,7 +153,7 @@ class OpModule(nn.Module):
     def __init__(self, qm: QuantizedModel, op: Op) -> None:
         super().__init__()
         self.kind, self.attrs = op.kind, dict(op.attrs)
-        if op.kind in GEMM:
+        if op.kind in WEIGHTED_OPS:
             self.weight = nn.Parameter(_dequantized(qm, op.inputs[1]), requires_grad=False)
             self.bias = nn.Parameter(_dequantized(qm, op.inputs[2]), requires_grad=False)
 
@@ -336,7 +334,7 @@ class QMQuantizer(Quantizer):
             op = self.qm.ops[i]
             roles = _chain_roles(op, chain)
             acts = [n for n in op.inputs if not self.qm.tensors[n].is_const]
-            fuse = op.kind in GEMM or (op.kind == "add" and op.attrs.get("fused") == "relu")
+            fuse = op.kind in WEIGHTED_OPS or (op.kind == "add" and op.attrs.get("fused") == "relu")
             prev, prev_spec = None, None
             for n, role in zip(chain, roles, strict=True):
                 imap: dict[fx.Node, Any] = {}
@@ -344,7 +342,7 @@ class QMQuantizer(Quantizer):
                     imap.update({arg: self.act(name) for arg, name in zip(n.args, acts, strict=False)})
                 elif prev_spec is not None:
                     imap[prev] = prev_spec
-                if role == "compute" and op.kind in GEMM:
+                if role == "compute" and op.kind in WEIGHTED_OPS:
                     imap[n.args[1]] = self.weight(op.inputs[1])  # the bias stays float: XNNPACK derives it
                 if role == "pad":
                     out = self.act(acts[0])
@@ -562,7 +560,7 @@ def check_converted(qm: QuantizedModel, gm: fx.GraphModule) -> ProgramParams:
         if pad is not None and pad != p.activations.get(op.inputs[0]):
             errors.append(f"{op.outputs[0]}/pad: parameters {pad} differ from its input's")
     for op in qm.ops:
-        if op.kind not in GEMM:
+        if op.kind not in WEIGHTED_OPS:
             continue
         w, b = qm.tensors[op.inputs[1]], qm.tensors[op.inputs[2]]
         if op.inputs[1] not in p.weights:

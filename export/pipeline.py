@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from calibration.qmodel import QuantizedModel
+from calibration.qmodel import WEIGHTED_OPS, QuantizedModel
 from export.verify import Runners, Tolerance, verify, write_report
 from ghnq.cli import UserError
 from ghnq.fileio import sha256_file
@@ -92,7 +92,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"{flag}: not used with --qm (the QuantizedModel already fixes its weights and every scale "
                         "and zero point); export it as it is, or calibrate again from --arch")
     for k, v in CALIBRATION_DEFAULTS.items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.method not in METHODS:
         raise UserError(f"--method: got {args.method!r}; allowed: {', '.join(METHODS)}")
     if args.bits not in (8, 6, 4, 2):
@@ -230,7 +231,6 @@ def run_export(args: argparse.Namespace, fmt: str, build: Build) -> int:
 # s_in · s_w[c] / s_out ≥ 256 (xnn_create_convolution2d_nhwc_qs8_qc8w, ..._fully_connected_nc_qs8_qc8w), and
 # both LiteRT's default delegate and ExecuTorch's XNNPACK backend run them: such a model would not load.
 XNNPACK_MAX_REQUANT_SCALE = 256.0
-WEIGHTED_OPS = ("conv2d", "depthwise_conv2d", "fully_connected")
 
 
 def check_requantization(qm: QuantizedModel) -> None:

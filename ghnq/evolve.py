@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from calibration.qmodel import QuantizedModel, input_codes
+from calibration.qmodel import WEIGHTED_OPS, QuantizedModel, input_codes
 from calibration.qmodel import load as load_qm
 from calibration.qmodel import save as save_qm
 from calibration.sim import Simulator
@@ -184,7 +184,7 @@ def exact_dtype(qm: QuantizedModel, qmax: int) -> torch.dtype:
     """float32 when every conv/fc accumulator is an integer below 2^24 in magnitude for any weight codes in
     [-qmax, qmax] (so float32 holds it, and every partial sum, exactly), else float64 (the sim's default)."""
     for op in qm.ops:
-        if op.kind not in ("conv2d", "depthwise_conv2d", "fully_connected"):
+        if op.kind not in WEIGHTED_OPS:
             continue
         w, b = qm.tensors[op.inputs[1]], qm.tensors[op.inputs[2]]
         fan_in = math.prod(w.shape[1:])

@@ -104,7 +104,7 @@ def test_converted_program_carries_the_qm_parameters(name: str) -> None:
         scale, zp = p.activations[n]  # the quantize node of every activation, the input included
         assert np.float32(scale).tobytes() == np.asarray(t.scale, np.float32)[:1].tobytes(), n
         assert float(np.float32(scale)) == scale and zp == int(t.zero_point[0]), n
-    gemms = [op for op in qm.ops if op.kind in E.GEMM]
+    gemms = [op for op in qm.ops if op.kind in E.WEIGHTED_OPS]
     assert len(p.weights) == len(gemms) and len(p.biases) == len(gemms)
     for op in gemms:
         codes, scale = p.weights[op.inputs[1]]
