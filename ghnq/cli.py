@@ -23,12 +23,23 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     try:
         code = main(argv)
     except UserError as err:
+        _close_progress_bars()
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def _close_progress_bars() -> None:
+    """End any open tqdm bar on its own line, so the error that follows starts a line (and the bar is not
+    redrawn under it when the interpreter exits)."""
+    tqdm = sys.modules.get("tqdm")
+    # tqdm keeps its live bars in the class attribute `_instances` (a WeakSet; no public accessor).
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 @contextlib.contextmanager

@@ -430,3 +430,14 @@ def test_bn_statistics_are_measured_unless_the_weights_carry_them(tmp_path: Path
                           "--max-step-error", "100", "--min-agreement", "0", "--quiet"], capsys)
         assert code == 0, err
         assert json.loads((out / "report.json").read_text())["calibration"]["bn_recalibrated"] is expected
+
+
+def test_error_with_progress_bar_starts_its_own_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Without --quiet the stage bar is on screen when the spec is refused: the bar is ended first, so the
+    # error is a line of its own (it used to be glued to the bar, which was then drawn again under it).
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nstem: {out: -3}\nstages: []\n")
+    code, err = _cli(["--arch", str(bad), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "export.tflite" in err
+    assert "\nerror: " in err and err.rstrip("\n").splitlines()[-1].startswith("error: "), err
+    assert not (tmp_path / "o").exists()
