@@ -42,10 +42,10 @@ from calibration.sim import run_ops
 from ghnq.cli import UserError
 from ghnq.data import MEAN, STD
 
-SUPPORTED = ("Conv2d (groups 1 or depthwise), Linear, BatchNorm2d right after a Conv2d, ReLU, ReLU6, Hardswish, "
-             "Hardsigmoid right after a Conv2d/Linear, tensor + tensor, tensor * tensor, AdaptiveAvgPool2d(1), "
-             "mean over H,W, MaxPool2d, AvgPool2d, ZeroPad2d, Flatten/flatten/reshape/view to [N, C], "
-             "Identity, Dropout")
+SUPPORTED = ("Conv2d (groups 1 or depthwise), Linear, BatchNorm2d right after a Conv2d, ReLU, "
+             "ReLU6 (or Hardtanh(0, 6)), Hardswish, Hardsigmoid right after a Conv2d/Linear, tensor + tensor, "
+             "tensor * tensor, AdaptiveAvgPool2d(1), mean over H,W, MaxPool2d, AvgPool2d, ZeroPad2d, "
+             "Flatten/flatten/reshape/view to [N, features] (read by Linear), Identity, Dropout")
 FUSABLE = (*WEIGHTED_OPS, "add")
 SHARES_INPUT_QPARAMS = ("max_pool2d", "avg_pool2d", "pad", "reshape")
 
@@ -176,6 +176,7 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
     if input_name is None or output_name is None:
         raise UserError("model has no input or no output")
     ops = _fuse_activations(ops, params)
+    _flatten_to_nhwc(ops, params, shapes, output_name)
     used = {n for op in ops for n in op.outputs} | {input_name}
     return FloatGraph(ops, params, {n: s for n, s in shapes.items() if n in used}, input_name, output_name)
 
@@ -235,6 +236,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
             return "relu", {}
         if target is F.relu6:
             return "relu6", {}
+        if target is F.hardtanh and _hardtanh_bounds(args, kwargs) == (0.0, 6.0):
+            return "relu6", {}
         if target is F.hardswish:
             return "hardswish", {}
         if target is F.hardsigmoid:
@@ -261,6 +264,12 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
     raise fail(node, f"{node.op} {getattr(target, '__name__', target)}")
 
 
+def _hardtanh_bounds(args: tuple, kwargs: dict) -> tuple[float, float]:
+    lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+    hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+    return float(lo), float(hi)
+
+
 def _mean(node: fx.Node, rest: list, kwargs: dict, fail) -> tuple[str, dict]:
     dims = rest[0] if rest else kwargs.get("dim")
     keep = rest[1] if len(rest) > 1 else kwargs.get("keepdim", False)
@@ -273,12 +282,38 @@ def _mean(node: fx.Node, rest: list, kwargs: dict, fail) -> tuple[str, dict]:
 def _reshape(node: fx.Node, fail) -> tuple[str, dict]:
     src = node.args[0].meta["tensor_meta"].shape
     dst = node.meta["tensor_meta"].shape
-    if len(dst) != 2 or (len(src) == 4 and (src[2], src[3]) != (1, 1)):
-        # NCHW and NHWC flatten orders agree only when H = W = 1: anything else would need a transpose
-        raise fail(node, f"reshape {list(src)} → {list(dst)}; only [N, C, 1, 1] or [N, C] → [N, C]")
+    if len(dst) != 2 or int(np.prod(src[1:])) != int(dst[1]) or len(src) not in (2, 4):
+        raise fail(node, f"reshape {list(src)} → {list(dst)} (only a flatten to [N, features] is)")
     if len(src) == 2 and list(src) == list(dst):
         return "alias", {}
+    # The QM flattens in NHWC order; for H·W > 1 that differs from torch's NCHW order, and
+    # `_flatten_to_nhwc` reorders the weight columns of the Linear that reads it to match.
     return "reshape", {"shape": [1, int(dst[1])]}
+
+
+def _flatten_to_nhwc(ops: list[Op], params: dict[str, torch.Tensor], shapes: dict[str, list[int]],
+                     output: str) -> None:
+    """A flatten of a [C, H, W] map with H·W > 1 is an NHWC flatten in the QM (what TFLite's RESHAPE does on
+    NHWC data): permute the columns of each Linear that reads it from (C, H, W) to (H, W, C) order, so the
+    graph computes what the torch model does. Any other reader would see the other order: refused."""
+    for op in ops:
+        if op.kind != "reshape":
+            continue
+        shape = shapes[op.inputs[0]]
+        if len(shape) != 4 or shape[1] * shape[2] == 1:
+            continue
+        _, h, w, c = shape
+        if op.outputs[0] == output:
+            raise UserError(f"model node {op.source!r}: the model's output is a flatten of a [{c}, {h}, {w}] map; "
+                            "supported: a flatten of a spatial map read only by Linear layers")
+        for user in (u for u in ops if op.outputs[0] in u.inputs):
+            if user.kind != "fully_connected" or user.inputs[0] != op.outputs[0]:
+                raise UserError(f"model node {op.source!r}: the flatten of a [{c}, {h}, {w}] map feeds "
+                                f"{user.kind} ({user.source!r}); supported: a flatten of a spatial map read only "
+                                "by Linear layers (their weight columns are reordered to NHWC)")
+            wk = user.inputs[1]
+            out_features = params[wk].shape[0]
+            params[wk] = params[wk].reshape(out_features, c, h, w).permute(0, 2, 3, 1).reshape(out_features, -1)
 
 
 def _fuse_activations(ops: list[Op], params: dict[str, torch.Tensor]) -> list[Op]:

@@ -187,6 +187,8 @@ class OpModule(nn.Module):
             t, b, left, r = a["padding"]
             y = F.pad(x, (left, r, t, b))
         elif k == "reshape":
+            if x.dim() == 4:  # the QM flattens NHWC (what TFLite's RESHAPE does): H, W, C order
+                x = x.permute(0, 2, 3, 1)
             y = x.reshape(x.shape[0], *a["shape"][1:])
         else:
             raise ValueError(k)

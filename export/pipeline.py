@@ -181,7 +181,7 @@ def file_source(args: argparse.Namespace, stage: _Stages) -> Source:
 def run_export(args: argparse.Namespace, fmt: str, build: Build) -> int:
     """All stages for one exporter; returns the exit code (UserError propagates to run_cli → exit 2)."""
     from calibration.qmodel import save
-    from ghnq.data import fit_images, load_eval_images
+    from ghnq.data import CLASSES, fit_images, load_eval_images
 
     torch.set_num_threads(args.threads)
     _check_args(args)
@@ -215,9 +215,17 @@ def run_export(args: argparse.Namespace, fmt: str, build: Build) -> int:
         "stage_seconds": stage.times,
         "export_seconds": round(sum(stage.times.get(s, 0.0) for s in ("calibration", "write")), 3),
     }
+    notes = []
     if "embedded sample" in str(src.calibration["source"]) and "embedded sample" in verify_source:
-        report["note"] = ("no data root: calibration and verification both used the embedded 512-image sample; "
-                          "set --data-root for a held-out verification set")
+        notes.append("no data root: calibration and verification both used the embedded 512-image sample; "
+                     "set --data-root for a held-out verification set")
+    n_out = qm.tensors[qm.output].shape[-1]
+    if n_out < len(CLASSES):
+        notes.append(f"the model has {n_out} outputs and CIFAR-10 {len(CLASSES)} classes: accuracy counts "
+                     f"labels {n_out}–{len(CLASSES) - 1} as misses; top-1 agreement and step errors verify the "
+                     "artifact all the same")
+    if notes:
+        report["notes"] = notes
     js, md = write_report(out_dir, report)
     stage.done()
     status = "verified" if report["passed"] else "VERIFICATION FAILED (" + "; ".join(report["failures"]) + ")"

@@ -281,6 +281,7 @@ def report_markdown(r: dict[str, Any]) -> str:
     lines += [f"- weights: {r.get('weights')}", f"- calibration: {r.get('calibration')}",
               f"- verified on {r.get('images')} images ({r.get('verify_source')}) with {r.get('runtime')}, "
               f"against the sim with {r.get('arithmetic', 'tflite')} arithmetic"]
+    lines += [f"- note: {n}" for n in r.get("notes", [])]
     fp32_ops = ((r.get("writer") or {}).get("delegation") or {}).get("fp32_inside_delegate")
     if fp32_ops:
         lines.append("- fp32 inside the delegate (dequantize → float32 op → quantize; modelled by the sim): "

@@ -57,6 +57,7 @@ class Node:
     stride: int = 1
     groups: int = 1
     hw: int = 1  # spatial size of the output (height)
+    flatten_area: int = 1  # a Linear reading a flattened map of this many positions: weight = params × area
 
 
 @dataclass
@@ -124,28 +125,36 @@ def extract_graph(model: nn.Module, gm: fx.GraphModule | None = None, input_hw: 
     # fx node -> indices of graph nodes producing its value (several for contracted multi-input ops)
     source: dict[fx.Node, list[int]] = {}
     hw: dict[fx.Node, int] = {}
+    channels: dict[fx.Node, int] = {}  # feature channels of each value (what a Linear after a flatten reads)
 
-    def add(fxn: fx.Node, node: Node) -> None:
+    def add(fxn: fx.Node, node: Node, preds: list[int] | None = None) -> None:
         idx = len(nodes)
         nodes.append(node)
-        for inp in fxn.all_input_nodes:
-            for s in source.get(inp, []):
-                edges.add((s, idx))
+        for s in preds if preds is not None else [s for inp in fxn.all_input_nodes for s in source.get(inp, [])]:
+            edges.add((s, idx))
         source[fxn] = [idx]
 
     def in_hw(fxn: fx.Node) -> int:
         return max([hw.get(a, 1) for a in fxn.all_input_nodes] or [1])
 
+    def in_channels(fxn: fx.Node) -> int:
+        if fxn.op == "call_function" and fxn.target in (torch.cat, torch.concat):
+            return sum(channels.get(a, 0) for a in fxn.all_input_nodes)
+        return max([channels.get(a, 0) for a in fxn.all_input_nodes] or [0])
+
     for fxn in graph.nodes:
         h = in_hw(fxn)
+        channels[fxn] = in_channels(fxn)
         if fxn.op == "placeholder":
             hw[fxn] = input_hw
+            channels[fxn] = 3
             add(fxn, Node(fxn.name, "input", hw=input_hw, out_ch=3))
             continue
         if fxn.op in ("output", "get_attr"):
             continue
         kind: str | None = None
         node = Node(fxn.name, "other")
+        preds: list[int] | None = None
         if fxn.op == "call_module":
             m = modules[fxn.target]
             if isinstance(m, nn.Conv2d):
@@ -157,13 +166,23 @@ def extract_graph(model: nn.Module, gm: fx.GraphModule | None = None, input_hw: 
                             m.kernel_size[0], m.stride[0], g)
                 if m.bias is not None:
                     node.params["bias"] = tuple(m.bias.shape)
+                channels[fxn] = cout
             elif isinstance(m, nn.Linear):
                 h = 1
                 kind = "linear"
-                node = Node(fxn.name, kind, fxn.target, {"weight": tuple(m.weight.shape)}, m.out_features,
-                            m.in_features)
+                c_in, area = m.in_features, 1
+                if 0 < channels[fxn] < m.in_features and m.in_features % channels[fxn] == 0:
+                    # It reads a flattened C×H×W map (VGG-style), which no training net has: the GHN sees the
+                    # global average pool + Linear(C) it was trained on, and the prediction is spread over the
+                    # H·W positions (`Node.flatten_area`), so the layer computes exactly that function.
+                    c_in, area = channels[fxn], m.in_features // channels[fxn]
+                    add(fxn, Node(f"{fxn.name}_pool", "gap", hw=1))
+                    preds = source[fxn]
+                node = Node(fxn.name, kind, fxn.target, {"weight": (m.out_features, c_in)}, m.out_features, c_in,
+                            flatten_area=area)
                 if m.bias is not None:
                     node.params["bias"] = tuple(m.bias.shape)
+                channels[fxn] = m.out_features
             elif isinstance(m, _NORMS):
                 kind = "bn"
                 norms.append(fxn.target)
@@ -218,7 +237,7 @@ def extract_graph(model: nn.Module, gm: fx.GraphModule | None = None, input_hw: 
             source[fxn] = sorted({s for a in fxn.all_input_nodes for s in source.get(a, [])})
             continue
         node.kind, node.hw = kind, h
-        add(fxn, node)
+        add(fxn, node, preds)
 
     # The parameter node whose output feeds the network output is the classifier: its own embedding.
     out = next(n for n in graph.nodes if n.op == "output")

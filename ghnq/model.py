@@ -313,6 +313,8 @@ class GHNQ(nn.Module):
         weights, biases = self.decode(h[torch.tensor(rows, device=device)], torch.tensor(bit_idx, device=device),
                                       shapes)
         for (gi, node), w, b in zip(names, weights, biases, strict=True):
+            if node.flatten_area > 1:  # Linear(C) after a global average pool, as one Linear(C·H·W)
+                w = w.repeat_interleave(node.flatten_area, dim=1) / node.flatten_area
             out[gi][node.module + ".weight"] = w
             if "bias" in node.params:
                 out[gi][node.module + ".bias"] = b

@@ -401,3 +401,66 @@ def test_placeholder_bn_statistics_are_re_estimated_by_default(calib_images) -> 
     assert not calibrate(measured, calib_images[:32], progress=False).meta["bn_recalibrated"]
     assert all(torch.equal(before[k], v) for k, v in measured.state_dict().items())
     assert not has_placeholder_bn(nn.Sequential(nn.Conv2d(3, 4, 1)))  # no BN at all: nothing to measure
+
+
+class _FlattenNet(nn.Module):
+    """A VGG-style classifier: the flatten of a 4×4 map (not 1×1) feeds Linear layers (through view(), which
+    needs the contiguous NCHW input every toolkit path now gives a model)."""
+
+    def __init__(self, join: str = "linear") -> None:
+        super().__init__()
+        self.join = join
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4))
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(6 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        if self.join == "add":
+            return self.classifier(f.flatten(1) + f.flatten(1))
+        if self.join == "output":
+            return torch.flatten(f, 1)
+        return self.classifier(f.view(f.size(0), -1))
+
+
+def test_flatten_of_a_spatial_map_feeds_linear(calib_images, test_images):
+    torch.manual_seed(0)
+    m = _FlattenNet()
+    recalibrate_bn(m, calib_images, progress=False)
+    m.eval()
+    g = float_graph(m, [3, 32, 32])
+    x = to_float(calib_images[:8])
+    # the QM flattens NHWC: the Linear's columns were reordered, so the float graph is the torch model
+    torch.testing.assert_close(run_ops(g.ops, g.input, x, g.params)[g.output], m(x), atol=1e-4, rtol=1e-4)
+    qm = calibrate(m, calib_images, progress=False)
+    images = test_images[0][:64]
+    sim, ref = simulate(qm, images), reference.run(qm, images)
+    assert np.array_equal(sim, ref)
+    out = qm.tensors[qm.output]
+    deq = (sim.astype(np.float32) - out.zero_point[0]) * out.scale[0]
+    with torch.no_grad():
+        fl = m(to_float(images)).numpy()
+    assert np.corrcoef(fl.ravel(), deq.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("join, match", [("add", "feeds add"), ("output", "model's output is a flatten")])
+def test_flatten_of_a_spatial_map_read_otherwise_refused(join, match, calib_images):
+    with pytest.raises(UserError, match=match):
+        calibrate(_FlattenNet(join), calib_images[:8], progress=False)
+
+
+class _Clamp(nn.Module):
+    def __init__(self, lo: float, hi: float) -> None:
+        super().__init__()
+        self.lo, self.hi = lo, hi
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.nn.functional.hardtanh(self.conv(x), self.lo, self.hi).mean((2, 3)))
+
+
+def test_functional_hardtanh_0_6_is_relu6_and_other_bounds_refused(calib_images):
+    qm = calibrate(_Clamp(0.0, 6.0), calib_images[:16], progress=False)
+    assert qm.ops[0].kind == "conv2d" and qm.ops[0].attrs["fused"] == "relu6"
+    with pytest.raises(UserError, match=r"'hardtanh'.*Hardtanh\(0, 6\)"):
+        calibrate(_Clamp(-1.0, 1.0), calib_images[:16], progress=False)

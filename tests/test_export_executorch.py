@@ -61,6 +61,20 @@ class PoolNet(nn.Module):
         return self.fc(torch.flatten(self.gap(y), 1))
 
 
+class FlatNet(nn.Module):
+    """VGG-style: the flatten of a 4×4 map feeds Linear layers (the QM flattens NHWC; torch NCHW)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4))
+        self.classifier = nn.Sequential(nn.Linear(6 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        return self.classifier(f.view(f.size(0), -1))
+
+
 def _random_init(model: nn.Module) -> nn.Module:
     torch.manual_seed(0)
     for m in model.modules():
@@ -72,7 +86,8 @@ def _random_init(model: nn.Module) -> nn.Module:
 @cache
 def get(name: str) -> tuple[QuantizedModel, np.ndarray]:
     """(QM, real test images): seeded random weights, BN re-estimated, calibrated on 64 real train images."""
-    model = PoolNet() if name == "poolnet" else build_model(load_spec(ROOT / "specs" / f"{name}.yaml"))
+    nets = {"poolnet": PoolNet, "flatnet": FlatNet}
+    model = nets[name]() if name in nets else build_model(load_spec(ROOT / "specs" / f"{name}.yaml"))
     calib, _, _ = load_eval_images(64, split="train", quiet=True)
     images, _, _ = load_eval_images(N_IMAGES, split="test", quiet=True)
     qm = calibrate(_random_init(model), calib, bn_recalibrate=True, progress=False, meta={"name": name})
@@ -84,7 +99,7 @@ def program(name: str) -> E.Program:
     return E.lower(get(name)[0])
 
 
-FAST = ["poolnet", "tiny-mbv2"]
+FAST = ["poolnet", "flatnet", "tiny-mbv2"]
 ALL = FAST + [pytest.param(s, marks=pytest.mark.slow) for s in SPECS if s not in FAST]
 
 

@@ -441,3 +441,15 @@ def test_error_with_progress_bar_starts_its_own_line(tmp_path: Path, capsys: pyt
     assert code == 2 and "export.tflite" in err
     assert "\nerror: " in err and err.rstrip("\n").splitlines()[-1].startswith("error: "), err
     assert not (tmp_path / "o").exists()
+
+
+def test_fewer_outputs_than_cifar_classes_is_noted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = tmp_path / "seven.yaml"
+    spec.write_text("name: seven\nnum_classes: 7\nstem: {out: 8}\nstages: [{block: basic, out: 16, stride: 2}]\n")
+    out = tmp_path / "o"
+    code, err = _cli(["--arch", str(spec), "--out", str(out), "--calib-images", "16", "--verify-images", "16",
+                      "--reference-images", "8", "--quiet"], capsys)
+    assert code == 0, err
+    r = json.loads((out / "report.json").read_text())
+    assert any("7 outputs and CIFAR-10 10 classes" in n for n in r["notes"]), r.get("notes")
+    assert "- note: the model has 7 outputs" in (out / "report.md").read_text()

@@ -90,3 +90,32 @@ def test_inference_sweep_equals_training_sweep(name: str, model: nn.Module, hw: 
         predicted = ghn.embed(batch)
     assert trained.requires_grad and not predicted.requires_grad
     torch.testing.assert_close(predicted, trained.detach(), rtol=1e-5, atol=1e-5)
+
+
+def _vgg(flatten: bool) -> nn.Module:
+    """A VGG-style net whose classifier reads a flattened 4×4 map, or its twin with a global average pool."""
+    torch.manual_seed(0)
+    body = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4)]
+    head = [nn.Flatten(), nn.Linear(12 * 16, 20)] if flatten else [nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                                                 nn.Linear(12, 20)]
+    return nn.Sequential(*body, *head, nn.ReLU(), nn.Linear(20, 10))
+
+
+def test_flatten_linear_is_predicted_as_its_global_pool_twin() -> None:
+    # No training net flattens a spatial map (all pool globally first): such a Linear used to get a tiled block
+    # unrelated to the layout, and the net predicted chance. The GHN now sees the global pool it was trained on.
+    flat, twin = _vgg(True), _vgg(False)
+    gf, gt = extract_graph(flat), extract_graph(twin)
+    assert [n.kind for n in gf.nodes] == [n.kind for n in gt.nodes] and gf.edges == gt.edges
+    ghn = GHNQ(GHNConfig(hidden=16, dec_hidden=8, dec_out=16, dec_in=16, hops=10)).eval()
+    with torch.no_grad():
+        pf, pt = ghn(collate([gf], 10), ["8"])[0], ghn(collate([gt], 10), ["8"])[0]
+    assert {k: tuple(v.shape) for k, v in pf.items()} == {k: tuple(p.shape) for k, p in flat.named_parameters()
+                                                          if k.rsplit(".", 1)[0] not in gf.norms}
+    assert torch.equal(pf["8.weight"], pt["9.weight"].repeat_interleave(16, dim=1) / 16)
+    for m, p in ((flat, pf), (twin, pt)):
+        for k, v in p.items():
+            dict(m.named_parameters())[k].data.copy_(v)
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(flat.eval()(x), twin.eval()(x), atol=1e-5, rtol=1e-4)
