@@ -109,11 +109,11 @@ class Local(Target):
 class Qemu(Local):
     """Debian aarch64 Python + aarch64 wheels under qemu-user: real ARM code on an x86 machine."""
 
-    def __init__(self, cpu: str = DEFAULT_QEMU_CPU, root: str | None = None):
+    def __init__(self, cpu: str = DEFAULT_QEMU_CPU, root: str | None = None, quiet: bool = False):
         qemu = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
         if not qemu:
             raise UserError("qemu-aarch64-static not found: install qemu-user-static (scripts/system-deps.sh)")
-        root = root or os.environ.get("GHNQ_ARM_ROOT") or build_arm_root()
+        root = root or os.environ.get("GHNQ_ARM_ROOT") or build_arm_root(quiet)
         if not Path(root, "usr/bin/python3.11").is_file():
             raise UserError(f"{root}: not an aarch64 root with usr/bin/python3.11 (see scripts/make_arm_root.sh)")
         self.root, self.cpu, self.name = root, cpu, f"qemu-aarch64-{cpu.replace(',', '-').replace('=', '')}"
@@ -127,11 +127,12 @@ class Qemu(Local):
         return env
 
 
-def build_arm_root() -> str:
+def build_arm_root(quiet: bool = False) -> str:
     """The cached aarch64 root (scripts/make_arm_root.sh builds it on first use, ~1 min)."""
     script = REPO / "scripts" / "make_arm_root.sh"
-    print("aarch64 root: scripts/make_arm_root.sh (cached; the first build downloads Debian + wheels)",
-          file=sys.stderr)
+    if not quiet:
+        print("aarch64 root: scripts/make_arm_root.sh (cached; the first build downloads Debian + wheels)",
+              file=sys.stderr)
     proc = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise UserError(f"{script} failed (exit {proc.returncode}); see the messages above")
@@ -234,7 +235,7 @@ def _manifest_id(bundle: Path) -> str:
 
 def make_target(spec: str, python: str | None = None, identity: str | None = None,
                 ssh_options: list[str] | None = None, remote_dir: str | None = None,
-                qemu_cpu: str = DEFAULT_QEMU_CPU, arm_root: str | None = None) -> Target:
+                qemu_cpu: str = DEFAULT_QEMU_CPU, arm_root: str | None = None, quiet: bool = False) -> Target:
     py = shlex.split(python) if python else None
     if spec == "local":
         return Local(py)
@@ -243,7 +244,7 @@ def make_target(spec: str, python: str | None = None, identity: str | None = Non
     if spec == "adb" or spec.startswith("adb:"):
         return Adb(spec, py, remote_dir)
     if spec == "qemu-aarch64":
-        return Qemu(qemu_cpu, arm_root)
+        return Qemu(qemu_cpu, arm_root, quiet)
     raise UserError(f"--target {spec!r}: expected local, ssh://user@host[:port], adb[:serial] or qemu-aarch64")
 
 
@@ -317,7 +318,7 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
 
 def target_from_args(args: argparse.Namespace) -> Target:
     return make_target(args.target, args.python, args.identity, args.ssh_option, args.remote_dir, args.qemu_cpu,
-                       args.arm_root)
+                       args.arm_root, getattr(args, "quiet", False))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,3 +96,12 @@ def test_miscomputing_cpu_model_is_caught(arm_root: str, bundle: Path, tmp_path:
     result = json.loads((tmp_path / "max" / "result.json").read_text())
     assert not result["verified"] and result["target"] == "qemu-aarch64-max"
     assert result["artifacts"][INT8]["max_step_error"] > 2
+
+
+def test_quiet_run_prints_only_the_result(arm_root: str, bundle: Path, tmp_path: Path):
+    # no --arm-root: the cached root comes from make_arm_root.sh, whose announcement --quiet holds back
+    r = _run("--target", "qemu-aarch64", "--artifact", INT8, "--skip-latency", "--limit", "50", "--quiet",
+             "--out", str(tmp_path / "q"), str(bundle))
+    assert r.returncode == 0, r.stderr
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qemu-aarch64-neoverse-n1: verified"), lines
