@@ -45,7 +45,8 @@ from ghnq.data import MEAN, STD
 SUPPORTED = ("Conv2d (groups 1 or depthwise), Linear, BatchNorm2d right after a Conv2d, ReLU, "
              "ReLU6 (or Hardtanh(0, 6)), Hardswish, Hardsigmoid right after a Conv2d/Linear, tensor + tensor, "
              "tensor * tensor, AdaptiveAvgPool2d(1), mean over H,W, MaxPool2d, AvgPool2d, ZeroPad2d, "
-             "Flatten/flatten/reshape/view to [N, features] (read by Linear), Identity, Dropout")
+             "Flatten/flatten/reshape/view to [N, features] (read by Linear), torch.cat along channels, Identity, "
+             "Dropout")
 FUSABLE = (*WEIGHTED_OPS, "add")
 SHARES_INPUT_QPARAMS = ("max_pool2d", "avg_pool2d", "pad", "reshape")
 
@@ -155,6 +156,8 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
         mod = modules.get(node.target) if node.op == "call_module" else None
         target = node.target
         kind, attrs = _lower(node, mod, target, fail)
+        if kind == "concat":
+            ins = [name_of[a] for a in node.args[0]]
         src = node.target if node.op == "call_module" else node.name
         if kind == "alias":
             name_of[node] = ins[0]
@@ -250,6 +253,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
             return _mean(node, list(args[1:]), kwargs, fail)
         if target in (torch.flatten, torch.reshape):
             return _reshape(node, fail)
+        if target in (torch.cat, torch.concat):
+            return _concat(node, fail)
     if node.op == "call_method":
         if node.target == "mean":
             return _mean(node, list(args[1:]), kwargs, fail)
@@ -262,6 +267,17 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
         if node.target == "mul":
             return "mul", {"fused": "none"}
     raise fail(node, f"{node.op} {getattr(target, '__name__', target)}")
+
+
+def _concat(node: fx.Node, fail) -> tuple[str, dict]:
+    parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not parts or not all(isinstance(p, fx.Node) and "tensor_meta" in p.meta for p in parts):
+        raise fail(node, "cat of something other than tensors")
+    rank = len(parts[0].meta["tensor_meta"].shape)
+    if rank not in (2, 4) or dim % rank != 1:
+        raise fail(node, f"cat along dim {dim} of {rank}-D tensors (only along channels, dim 1)")
+    return "concat", {"axis": 3 if rank == 4 else 1}
 
 
 def _hardtanh_bounds(args: tuple, kwargs: dict) -> tuple[float, float]:
@@ -429,6 +445,53 @@ def quantize_bias(b: torch.Tensor, s_in: float, s_w: np.ndarray) -> tuple[np.nda
     return np.clip(q, -(2 ** 31), 2 ** 31 - 1).astype(np.int32), s_b
 
 
+def concat_qparams(g: FloatGraph, act_qparams: dict[str, tuple[float, int, float, float]], act_bits: int
+                   ) -> dict[str, tuple[float, int, float, float]]:
+    """One (scale, zp) for every tensor a concat joins, as TFLite's int8 CONCATENATION and XNNPACK require.
+
+    Groups: a concat's inputs and output, closed over the ops that share their input's parameters (a max pool
+    feeding a concat pulls in its own input). Each group gets the union of its members' observed ranges, so no
+    member is clipped more than its own observer clipped it.
+    """
+    links: dict[str, set[str]] = {}
+    for op in g.ops:
+        if op.kind == "concat" or op.kind in SHARES_INPUT_QPARAMS:
+            for n in op.inputs:
+                links.setdefault(n, set()).add(op.outputs[0])
+                links.setdefault(op.outputs[0], set()).add(n)
+    groups, seen = [], set()
+    for op in g.ops:
+        if op.kind != "concat" or op.outputs[0] in seen:
+            continue
+        group, todo = set(), [op.outputs[0]]
+        while todo:  # connected through concat and sharing links
+            n = todo.pop()
+            if n not in group:
+                group.add(n)
+                todo += links.get(n, ())
+        seen |= group
+        groups.append(sorted(group))
+    qmin, qmax = observers.act_range(act_bits)
+    out: dict[str, tuple[float, int, float, float]] = {}
+    for group in groups:
+        fixed = [n for n in group if n == g.input or n not in act_qparams and not _shares_input(g, n)]
+        if fixed:
+            raise UserError(f"tensor {fixed[0]!r} has fixed quantization (the image input or a hardsigmoid gate) "
+                            "and is joined by a concat, whose inputs must share one (scale, zero point); "
+                            "supported: concat of conv / linear / add / pool outputs")
+        ranges = [act_qparams[n][2:] for n in group if n in act_qparams]
+        lo, hi = min(0.0, *(r[0] for r in ranges)), max(0.0, *(r[1] for r in ranges))
+        scale = float(np.float32(max((hi - lo) / (qmax - qmin), np.finfo(np.float32).eps)))
+        zp = int(np.clip(round(qmin - lo / scale), qmin, qmax))
+        for n in group:
+            out[n] = (scale, zp, (qmin - zp) * scale, (qmax - zp) * scale)
+    return out
+
+
+def _shares_input(g: FloatGraph, name: str) -> bool:
+    return any(op.outputs[0] == name and op.kind in SHARES_INPUT_QPARAMS for op in g.ops)
+
+
 def quantize(g: FloatGraph, act_qparams: dict[str, tuple[float, int, float, float]], weight_bits: int,
              act_bits: int, meta: dict) -> QuantizedModel:
     if weight_bits not in WEIGHT_BITS:
@@ -443,6 +506,7 @@ def quantize(g: FloatGraph, act_qparams: dict[str, tuple[float, int, float, floa
 
     act(g.input, INPUT_SCALE, INPUT_ZERO_POINT, 8, -128 * INPUT_SCALE, 127 * INPUT_SCALE)
     unit_scale = float(np.float32(1.0 / ((1 << act_bits) - 1)))
+    act_qparams = {**act_qparams, **concat_qparams(g, act_qparams, act_bits)}
     for op in g.ops:
         out = op.outputs[0]
         if op.kind in SHARES_INPUT_QPARAMS:

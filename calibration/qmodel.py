@@ -65,7 +65,9 @@ Input and output
   Output: the final fully_connected's int8 output tensor (logit codes).
 
 Fixed by calibration so that every runtime agrees (TFLite int8 constraints)
-  max/avg pool, pad, reshape share their input's (scale, zp); the relu_0_to_1 output is (1/255, -128);
+  max/avg pool, pad, reshape share their input's (scale, zp); concat's inputs and output all share one
+  (scale, zp) (TFLite's int8 CONCATENATION and XNNPACK require it: a copy, no requantization);
+  the relu_0_to_1 output is (1/255, -128);
   mean, hardswish, mul, add, conv, fc outputs have their own observed (scale, zp).
 
 Provenance (`qm.meta`)
@@ -100,7 +102,8 @@ from ghnq.fileio import atomic_write
 FORMAT = "ghnq-qm"
 VERSION = 1
 WEIGHTED_OPS = ("conv2d", "depthwise_conv2d", "fully_connected")  # inputs: (x, int8 weight[, int32 bias])
-OP_KINDS = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", "hardswish", "pad", "reshape")
+OP_KINDS = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", "hardswish", "pad", "reshape",
+            "concat")
 FUSED = ("none", "relu", "relu6", "relu_0_to_1")
 WEIGHT_BITS = (8, 6, 4, 2)
 INPUT_SCALE = float(np.float32(1.0 / 255.0))
@@ -194,6 +197,11 @@ class QuantizedModel:
                 if b.scale.shape != want.shape or not np.allclose(b.scale, want, rtol=1e-6, atol=0):
                     raise UserError(f"{where}: bias {op.inputs[2]!r} has scale {b.scale[:3]}, but the int8 runtimes "
                                     f"need input scale × weight scale = {want[:3]}")
+            if op.kind == "concat":
+                q = {(tuple(self.tensors[n].scale), tuple(self.tensors[n].zero_point)) for n in op.inputs + op.outputs}
+                if len(q) != 1:
+                    raise UserError(f"{where}: concat inputs and output must share one (scale, zero point); the "
+                                    "int8 runtimes copy codes without requantizing")
             defined.update(op.outputs)
         for name, t in self.tensors.items():
             if len(t.scale) != len(t.zero_point) or not np.all(np.isfinite(t.scale)) or np.any(t.scale <= 0):

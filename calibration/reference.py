@@ -331,6 +331,11 @@ def reshape(op: Op, x: np.ndarray) -> np.ndarray:
 # Graph
 
 
+def concat(op: Op, xs: list[np.ndarray]) -> np.ndarray:
+    """CONCATENATION on the channel (last) axis; inputs and output share (scale, zp), so codes are copied."""
+    return np.concatenate(xs, axis=-1)
+
+
 def check_supported(qm: QuantizedModel) -> None:
     for name, t in qm.tensors.items():
         if not t.is_const and t.bits != 8:
@@ -363,6 +368,8 @@ def run_op(qm: QuantizedModel, op: Op, env: dict[str, np.ndarray]) -> np.ndarray
         return pad(op, env[op.inputs[0]], q[op.inputs[0]][1])
     if k == "reshape":
         return reshape(op, env[op.inputs[0]])
+    if k == "concat":
+        return concat(op, [env[n] for n in op.inputs])
     raise UserError(f"op {k!r} ({op.source}) has no integer reference kernel")
 
 

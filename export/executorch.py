@@ -73,7 +73,8 @@ from export.verify import Runners
 from ghnq.cli import UserError, drop_native_log_lines, run_cli
 from ghnq.fileio import atomic_write_bytes
 
-SUPPORTED = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", "hardswish", "pad", "reshape")
+SUPPORTED = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", "hardswish", "pad", "reshape",
+             "concat")
 # XNNPACK's ExecuTorch partitioner lowers these only in fp32: inside the delegate they run between convert ops.
 FP32_ONLY = ("hardswish", "avg_pool2d", "pad")
 # Compute ops that must end up inside the XNNPACK delegate (edge-dialect op names of get_delegation_info).
@@ -186,6 +187,8 @@ class OpModule(nn.Module):
         elif k == "pad":
             t, b, left, r = a["padding"]
             y = F.pad(x, (left, r, t, b))
+        elif k == "concat":
+            y = torch.cat(xs, dim=1)  # channels (NCHW dim 1)
         elif k == "reshape":
             if x.dim() == 4:  # the QM flattens NHWC (what TFLite's RESHAPE does): H, W, C order
                 x = x.permute(0, 2, 3, 1)
@@ -341,7 +344,8 @@ class QMQuantizer(Quantizer):
             for n, role in zip(chain, roles, strict=True):
                 imap: dict[fx.Node, Any] = {}
                 if prev is None:
-                    imap.update({arg: self.act(name) for arg, name in zip(n.args, acts, strict=False)})
+                    args = n.args[0] if op.kind == "concat" and role == "compute" else n.args  # cat(list, dim)
+                    imap.update({arg: self.act(name) for arg, name in zip(args, acts, strict=False)})
                 elif prev_spec is not None:
                     imap[prev] = prev_spec
                 if role == "compute" and op.kind in WEIGHTED_OPS:

@@ -42,7 +42,7 @@ from ghnq.fileio import atomic_write_bytes
 # version, so writing the converter's keeps the files loadable by older runtimes that check them.
 INT8_VERSIONS = {
     "CONV_2D": 3, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 4, "ADD": 2, "MUL": 2, "MEAN": 2,
-    "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2, "HARD_SWISH": 1, "PAD": 2, "RESHAPE": 1,
+    "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2, "HARD_SWISH": 1, "PAD": 2, "RESHAPE": 1, "CONCATENATION": 2,
     # int8 hardswish's table lookup (see _hardswish): versions from TFLite's op_version.cc rules (CAST with an
     # int8 side: 3, GATHER of int8 params: 2), not from a conversion
     "CAST": 3, "GATHER": 2,
@@ -399,11 +399,17 @@ def _reshape(c: _Ctx, op: Op) -> None:
            c.version("RESHAPE"))
 
 
+def _concat(c: _Ctx, op: Op) -> None:
+    # int8: every input shares the output's (scale, zp) (the QM guarantees it), so TFLite copies codes
+    c.g.op("CONCATENATION", [c.activation(n) for n in op.inputs], [c.activation(op.outputs[0])],
+           tfl.ConcatenationOptionsT(axis=op.attrs["axis"]), c.version("CONCATENATION"))
+
+
 EMITTERS = {
     "conv2d": _conv2d, "depthwise_conv2d": _depthwise_conv2d, "fully_connected": _fully_connected, "add": _add,
     "mul": _mul, "mean": _mean, "max_pool2d": lambda c, op: _pool(c, op, "MAX_POOL_2D"),
     "avg_pool2d": lambda c, op: _pool(c, op, "AVERAGE_POOL_2D"), "hardswish": _hardswish, "pad": _pad,
-    "reshape": _reshape,
+    "reshape": _reshape, "concat": _concat,
 }
 
 

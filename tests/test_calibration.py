@@ -464,3 +464,56 @@ def test_functional_hardtanh_0_6_is_relu6_and_other_bounds_refused(calib_images)
     assert qm.ops[0].kind == "conv2d" and qm.ops[0].attrs["fused"] == "relu6"
     with pytest.raises(UserError, match=r"'hardtanh'.*Hardtanh\(0, 6\)"):
         calibrate(_Clamp(-1.0, 1.0), calib_images[:16], progress=False)
+
+
+def test_concat_joins_one_shared_quantization(calib_images, test_images):
+    from tests.nets import FireNet
+
+    torch.manual_seed(0)
+    m = FireNet()
+    recalibrate_bn(m, calib_images, progress=False)
+    m.eval()
+    g = float_graph(m, [3, 32, 32])
+    x = to_float(calib_images[:8])
+    torch.testing.assert_close(run_ops(g.ops, g.input, x, g.params)[g.output], m(x), atol=1e-4, rtol=1e-4)
+    qm = calibrate(m, calib_images, progress=False)
+    concats = [op for op in qm.ops if op.kind == "concat"]
+    assert len(concats) == 2
+    # the second concat reads a max pool of the first: one group through the pool, one (scale, zp) for all
+    pooled = next(op for op in qm.ops if op.kind == "max_pool2d" and op.inputs[0] == concats[0].outputs[0])
+    group = {*concats[0].inputs, *concats[0].outputs, *pooled.outputs, *concats[1].inputs, *concats[1].outputs}
+    assert len({qm.tensors[n].qparams for n in group}) == 1
+    other = {qm.tensors[n].qparams for op in qm.ops for n in op.outputs if n not in group}
+    assert qm.tensors[concats[0].outputs[0]].qparams not in other  # nothing else was pulled in
+    images = test_images[0][:64]
+    sim = simulate(qm, images)
+    assert np.array_equal(sim, reference.run(qm, images))
+    out = qm.tensors[qm.output]
+    with torch.no_grad():
+        fl = m(to_float(images)).numpy()
+    assert np.corrcoef(fl.ravel(), ((sim.astype(np.float32) - out.zero_point[0]) * out.scale[0]).ravel())[0, 1] > 0.99
+    bad = copy.deepcopy(qm)  # a QM whose concat inputs disagree is refused (the runtimes copy codes)
+    t = bad.tensors[concats[0].inputs[0]]
+    t.scale = t.scale * 2
+    with pytest.raises(UserError, match="concat inputs and output must share"):
+        bad.validate()
+
+
+class _BadCat(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv, self.fc = nn.Conv2d(3, 3, 3, padding=1), nn.Linear(6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "gate":  # a hardsigmoid output has the fixed (1/255, -128): it cannot join a group
+            y = torch.cat([torch.nn.functional.hardsigmoid(self.conv(x)), torch.relu(self.conv(x))], 1)
+        else:
+            y = torch.cat([self.conv(x), self.conv(x)], 2).repeat(1, 2, 1, 1)
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("how, match", [("gate", "fixed quantization.*concat"), ("height", "cat along dim 2")])
+def test_concat_refusals_name_the_reason(how, match, calib_images):
+    with pytest.raises(UserError, match=match):
+        calibrate(_BadCat(how), calib_images[:8], progress=False)

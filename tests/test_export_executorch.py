@@ -33,6 +33,7 @@ from export import executorch as E
 from ghnq.cli import UserError, run_cli
 from ghnq.data import load_eval_images
 from ghnq.spec import build_model, load_spec
+from tests.nets import FireNet, FlatNet
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
@@ -40,7 +41,8 @@ N_IMAGES = 32
 
 
 # ----------------------------------------------------------------------------------------------------
-# Models under test: a small net with the ops no spec has (max / avg pool, zero pad, hardswish), and the
+# Models under test: small nets with the ops no spec has (max / avg pool, zero pad, hardswish; a flatten of a
+# spatial map, concat: tests/nets.py), and the
 # specs, each calibrated on real CIFAR-10 images through calibration.calibrate
 
 
@@ -61,20 +63,6 @@ class PoolNet(nn.Module):
         return self.fc(torch.flatten(self.gap(y), 1))
 
 
-class FlatNet(nn.Module):
-    """VGG-style: the flatten of a 4×4 map feeds Linear layers (the QM flattens NHWC; torch NCHW)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4))
-        self.classifier = nn.Sequential(nn.Linear(6 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.features(x)
-        return self.classifier(f.view(f.size(0), -1))
-
-
 def _random_init(model: nn.Module) -> nn.Module:
     torch.manual_seed(0)
     for m in model.modules():
@@ -86,7 +74,7 @@ def _random_init(model: nn.Module) -> nn.Module:
 @cache
 def get(name: str) -> tuple[QuantizedModel, np.ndarray]:
     """(QM, real test images): seeded random weights, BN re-estimated, calibrated on 64 real train images."""
-    nets = {"poolnet": PoolNet, "flatnet": FlatNet}
+    nets = {"poolnet": PoolNet, "flatnet": FlatNet, "firenet": FireNet}
     model = nets[name]() if name in nets else build_model(load_spec(ROOT / "specs" / f"{name}.yaml"))
     calib, _, _ = load_eval_images(64, split="train", quiet=True)
     images, _, _ = load_eval_images(N_IMAGES, split="test", quiet=True)
@@ -99,7 +87,7 @@ def program(name: str) -> E.Program:
     return E.lower(get(name)[0])
 
 
-FAST = ["poolnet", "flatnet", "tiny-mbv2"]
+FAST = ["poolnet", "flatnet", "firenet", "tiny-mbv2"]
 ALL = FAST + [pytest.param(s, marks=pytest.mark.slow) for s in SPECS if s not in FAST]
 
 

@@ -26,6 +26,7 @@ from export import tflite as T
 from ghnq.cli import UserError, run_cli
 from ghnq.data import load_eval_images
 from ghnq.spec import build_model, load_spec
+from tests.nets import FireNet, FlatNet
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
@@ -113,11 +114,22 @@ def _random_init(model: torch.nn.Module) -> None:
             m.reset_parameters()
 
 
+def net_qm(name: str) -> tuple[QuantizedModel, np.ndarray]:
+    """A user-style nn.Module of tests/nets.py, seeded random weights, calibrated like the specs."""
+    model = {"flatnet": FlatNet, "firenet": FireNet}[name]()
+    _random_init(model)
+    images, _, _ = load_eval_images(48, quiet=True)
+    qm = calibrate(model, images[:32], bn_recalibrate=True, progress=False, meta={"name": name})
+    return qm, images[32:32 + N_IMAGES]
+
+
 def models() -> list:
-    return [pytest.param("hand", id="hand")] + [pytest.param(s, id=s) for s in SPECS]
+    return [pytest.param(s, id=s) for s in ("hand", "flatnet", "firenet", *SPECS)]
 
 
 def get(name: str) -> tuple[QuantizedModel, np.ndarray]:
+    if name in ("flatnet", "firenet"):
+        return net_qm(name)
     return hand_qm() if name == "hand" else spec_qm(name)
 
 

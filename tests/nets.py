@@ -1,0 +1,41 @@
+"""Small user-style nn.Modules that no spec produces, shared by the calibration and exporter tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FlatNet(nn.Module):
+    """VGG-style: the flatten of a 4×4 map feeds Linear layers (the QM flattens NHWC; torch NCHW)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4))
+        self.classifier = nn.Sequential(nn.Linear(6 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        return self.classifier(f.view(f.size(0), -1))
+
+
+class FireNet(nn.Module):
+    """SqueezeNet-style fire module (torch.cat of two expand branches), then a max pool of the concat joined
+    with another branch: the second concat's group reaches back through the pool to the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.squeeze, self.expand1 = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1)
+        self.expand3 = nn.Conv2d(8, 16, 3, padding=1)
+        self.pool, self.side = nn.MaxPool2d(2), nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(40, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = F.relu(self.squeeze(x))
+        y = self.pool(torch.cat([F.relu(self.expand1(y)), F.relu(self.expand3(y))], 1))
+        z = torch.cat((y, F.relu(self.side(self.pool(x)))), dim=1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(z, 1), 1))
