@@ -17,7 +17,7 @@ from calibration import calibrate, reference, simulate
 from calibration.bn import fold_conv_bn, recalibrate_bn
 from calibration.convert import float_graph, fold_input_normalization, trace
 from calibration.observers import METHODS
-from calibration.qmodel import load, save, to_bytes
+from calibration.qmodel import QuantizedModel, load, save, to_bytes
 from calibration.sim import Simulator, run_ops
 from ghnq.cli import UserError
 from ghnq.data import load_eval_images, to_float
@@ -423,24 +423,30 @@ class _FlattenNet(nn.Module):
         return self.classifier(f.view(f.size(0), -1))
 
 
-def test_flatten_of_a_spatial_map_feeds_linear(calib_images, test_images):
-    torch.manual_seed(0)
-    m = _FlattenNet()
+def _user_net_qm(m: nn.Module, calib_images: np.ndarray, test_images: tuple) -> QuantizedModel:
+    """Lower a user-style net: its float graph is the torch model; its QM's sim is the integer reference and
+    tracks the float model. Returns the QM."""
     recalibrate_bn(m, calib_images, progress=False)
     m.eval()
     g = float_graph(m, [3, 32, 32])
     x = to_float(calib_images[:8])
-    # the QM flattens NHWC: the Linear's columns were reordered, so the float graph is the torch model
     torch.testing.assert_close(run_ops(g.ops, g.input, x, g.params)[g.output], m(x), atol=1e-4, rtol=1e-4)
     qm = calibrate(m, calib_images, progress=False)
     images = test_images[0][:64]
-    sim, ref = simulate(qm, images), reference.run(qm, images)
-    assert np.array_equal(sim, ref)
+    sim = simulate(qm, images)
+    assert np.array_equal(sim, reference.run(qm, images))
     out = qm.tensors[qm.output]
-    deq = (sim.astype(np.float32) - out.zero_point[0]) * out.scale[0]
     with torch.no_grad():
         fl = m(to_float(images)).numpy()
-    assert np.corrcoef(fl.ravel(), deq.ravel())[0, 1] > 0.99
+    assert np.corrcoef(fl.ravel(), ((sim.astype(np.float32) - out.zero_point[0]) * out.scale[0]).ravel())[0, 1] > 0.99
+    return qm
+
+
+def test_flatten_of_a_spatial_map_feeds_linear(calib_images, test_images):
+    # the QM flattens NHWC: the Linear's columns are reordered, so the float graph is the torch model
+    torch.manual_seed(0)
+    qm = _user_net_qm(_FlattenNet(), calib_images, test_images)
+    assert [op.kind for op in qm.ops][-3:] == ["reshape", "fully_connected", "fully_connected"]
 
 
 @pytest.mark.parametrize("join, match", [("add", "feeds add"), ("output", "model's output is a flatten")])
@@ -470,13 +476,7 @@ def test_concat_joins_one_shared_quantization(calib_images, test_images):
     from tests.nets import FireNet
 
     torch.manual_seed(0)
-    m = FireNet()
-    recalibrate_bn(m, calib_images, progress=False)
-    m.eval()
-    g = float_graph(m, [3, 32, 32])
-    x = to_float(calib_images[:8])
-    torch.testing.assert_close(run_ops(g.ops, g.input, x, g.params)[g.output], m(x), atol=1e-4, rtol=1e-4)
-    qm = calibrate(m, calib_images, progress=False)
+    qm = _user_net_qm(FireNet(), calib_images, test_images)
     concats = [op for op in qm.ops if op.kind == "concat"]
     assert len(concats) == 2
     # the second concat reads a max pool of the first: one group through the pool, one (scale, zp) for all
@@ -485,13 +485,6 @@ def test_concat_joins_one_shared_quantization(calib_images, test_images):
     assert len({qm.tensors[n].qparams for n in group}) == 1
     other = {qm.tensors[n].qparams for op in qm.ops for n in op.outputs if n not in group}
     assert qm.tensors[concats[0].outputs[0]].qparams not in other  # nothing else was pulled in
-    images = test_images[0][:64]
-    sim = simulate(qm, images)
-    assert np.array_equal(sim, reference.run(qm, images))
-    out = qm.tensors[qm.output]
-    with torch.no_grad():
-        fl = m(to_float(images)).numpy()
-    assert np.corrcoef(fl.ravel(), ((sim.astype(np.float32) - out.zero_point[0]) * out.scale[0]).ravel())[0, 1] > 0.99
     bad = copy.deepcopy(qm)  # a QM whose concat inputs disagree is refused (the runtimes copy codes)
     t = bad.tensors[concats[0].inputs[0]]
     t.scale = t.scale * 2
