@@ -199,10 +199,18 @@ def add(op: Op, a: np.ndarray, b: np.ndarray, qa: tuple[float, int], qb: tuple[f
     return np.clip(y, lo, hi).astype(np.int8)
 
 
+def mul_scale(s_a: float, s_b: float, s_out: float) -> float:
+    """MUL's Prepare: `input1->params.scale * input2->params.scale / output->params.scale`, in float32 (the
+    operands are floats; only the result is widened to double). A double computation differs from it in the last
+    bits, which moved 254 of 1.2 M codes of a tiny-mbv2 SE product by one step (measured against LiteRT 2.3.0's
+    reference kernel; float32 matches it code for code)."""
+    return float(np.float32(np.float32(s_a) * np.float32(s_b)) / np.float32(s_out))
+
+
 def mul(op: Op, a: np.ndarray, b: np.ndarray, qa: tuple[float, int], qb: tuple[float, int],
         qo: tuple[float, int]) -> np.ndarray:
     """reference_integer_ops::Mul (int8, broadcasting): (a - zp_a)(b - zp_b) · QuantizeMultiplier(s_a s_b / s_o)."""
-    m, s = quantize_multiplier(float(qa[0]) * float(qb[0]) / float(qo[0]))
+    m, s = quantize_multiplier(mul_scale(qa[0], qb[0], qo[0]))
     prod = (a.astype(np.int64) - qa[1]) * (b.astype(np.int64) - qb[1])
     y = multiply_by_quantized_multiplier(prod, m, s) + qo[1]
     lo, hi = activation_range(op, qo[0], qo[1])

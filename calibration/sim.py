@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from calibration.qmodel import WEIGHTED_OPS, Op, QuantizedModel, input_codes
-from calibration.reference import activation_range, hardswish_table, mean_multiplier, quantize_multiplier
+from calibration.reference import activation_range, hardswish_table, mean_multiplier, mul_scale, quantize_multiplier
 
 Hook = Callable[[str, torch.Tensor], torch.Tensor]
 ROUNDINGS = ("tflite", "float", "xnnpack", "executorch")
@@ -161,7 +161,7 @@ class Simulator:
             p["shift"] = torch.tensor([s for _, s in mults], dtype=torch.int64, device=dev)
         elif op.kind == "mul":
             (sa, _, _, _), (sb, _, _, _) = self.q[op.inputs[0]], self.q[op.inputs[1]]
-            p["eff"] = float(sa) * float(sb) / float(s_out)
+            p["eff"] = mul_scale(sa, sb, s_out)
             p["mult"], p["shift"] = quantize_multiplier(p["eff"])
         elif op.kind == "hardswish":
             # the integer reference's table (ExecuTorch's fp32 hardswish per code), whatever the rounding mode:

@@ -465,3 +465,37 @@ def test_fewer_outputs_than_cifar_classes_is_noted(tmp_path: Path, capsys: pytes
     r = json.loads((out / "report.json").read_text())
     assert any("7 outputs and CIFAR-10 10 classes" in n for n in r["notes"]), r.get("notes")
     assert "- note: the model has 7 outputs" in (out / "report.md").read_text()
+
+
+def test_mul_multiplier_is_litert_float32_arithmetic() -> None:
+    """An SE product x · mean(x) with the scales of a tiny-mbv2 layer where LiteRT's MUL multiplier (its Prepare
+    multiplies and divides the float32 scales in float32) and a double computation differ in the last bit: the
+    integer reference and the sim must follow LiteRT's reference kernel code for code."""
+    s_x, s_out = 0.0235294122248888, 0.016874361783266068
+    double = reference.quantize_multiplier(s_x * INPUT_SCALE / s_out)
+    single = reference.quantize_multiplier(reference.mul_scale(s_x, INPUT_SCALE, s_out))
+    products = np.arange(-32640, 65026)  # every (x - zp)(gate - zp) int8 can make
+    differ = products[reference.multiply_by_quantized_multiplier(products, *double)
+                      != reference.multiply_by_quantized_multiplier(products, *single)]
+    assert 5577 in differ  # = 143 · 39: one x code and one gate code below
+
+    def act(name: str, shape: list[int], scale: float) -> Tensor:
+        return Tensor(name, shape, "int8", np.array([scale], np.float32), np.array([-128]))
+
+    qm = QuantizedModel(
+        ops=[Op("mean", ["x"], ["gate"], {"axes": [1, 2], "keepdims": True}),
+             Op("mul", ["x", "gate"], ["y"], {"fused": "none"})],
+        tensors={"x": act("x", [1, 16, 16, 4], s_x), "gate": act("gate", [1, 1, 1, 4], INPUT_SCALE),
+                 "y": act("y", [1, 16, 16, 4], s_out)},
+        input="x", output="y")
+    # pixel = x code + 128. Channel 0: one 143 and the rest 6s and 5s, so its mean is 6.5 · s_x and the gate
+    # code is 39 - 128; the other channels random.
+    images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 4)).astype(np.uint8)
+    images[:, :, :, 0] = 6
+    images[:, 0, :9, 0] = 5
+    images[:, 15, 15, 0] = 143
+    want, env = reference.run(qm, images, capture=True)
+    assert np.any((env["x"].astype(np.int64) + 128) * (env["gate"].astype(np.int64) + 128) == 5577)
+    got = T.LiteRTRunner(T.build_tflite(qm), "ref")(input_codes(images))
+    assert np.array_equal(got, want)
+    assert np.array_equal(simulate(qm, images).transpose(0, 2, 3, 1), want)  # the sim answers NCHW
