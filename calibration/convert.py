@@ -169,6 +169,8 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
                 if not torch.isfinite(p).all():
                     raise UserError(f"{node.target}.{pname}: weights contain NaN or Inf; refusing to quantize")
             wk, bk = f"{node.target}.weight", f"{node.target}.bias"
+            if wk in params:  # a module called again gets its own tensors: its bias scale is s_in · s_w of this call
+                wk, bk = f"{node.name}.weight", f"{node.name}.bias"
             params[wk], params[bk] = w, b
             ins = ins[:1] + [wk, bk]
         if kind in ("add", "mul") and len(ins) != 2:

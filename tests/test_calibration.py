@@ -420,6 +420,8 @@ class _FlattenNet(nn.Module):
             return self.classifier(f.flatten(1) + f.flatten(1))
         if self.join == "output":
             return torch.flatten(f, 1)
+        if self.join == "shared":  # modules called twice: each call its own QM tensors (bias scale = s_in · s_w)
+            return self.classifier(f.flatten(1)) + self.classifier(torch.flatten(f * f, 1))
         return self.classifier(f.view(f.size(0), -1))
 
 
@@ -447,6 +449,8 @@ def test_flatten_of_a_spatial_map_feeds_linear(calib_images, test_images):
     torch.manual_seed(0)
     qm = _user_net_qm(_FlattenNet(), calib_images, test_images)
     assert [op.kind for op in qm.ops][-3:] == ["reshape", "fully_connected", "fully_connected"]
+    torch.manual_seed(0)
+    _user_net_qm(_FlattenNet("shared"), calib_images, test_images)
 
 
 @pytest.mark.parametrize("join, match", [("add", "feeds add"), ("output", "model's output is a flatten")])
