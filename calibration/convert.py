@@ -151,13 +151,12 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
             if node.op == "call_method" and node.target == "size" or node.target is getattr:
                 continue  # shape arithmetic feeding a view/reshape: the output shape comes from ShapeProp
             raise fail(node, f"{node.op} {node.target} (no tensor output)")
-        tensor_args = [a for a in node.args if isinstance(a, fx.Node) and a in name_of]
-        ins = [name_of[a] for a in tensor_args]
+        nodes_read: list[fx.Node] = []  # every fx node in args and kwargs, lists included (cat), in order
+        fx.node.map_arg((node.args, node.kwargs), nodes_read.append)
+        ins = [name_of[a] for a in nodes_read if a in name_of]
         mod = modules.get(node.target) if node.op == "call_module" else None
         target = node.target
         kind, attrs = _lower(node, mod, target, fail)
-        if kind == "concat":
-            ins = [name_of[a] for a in node.args[0]]
         src = node.target if node.op == "call_module" else node.name
         if kind == "alias":
             name_of[node] = ins[0]

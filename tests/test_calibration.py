@@ -514,3 +514,21 @@ class _BadCat(nn.Module):
 def test_concat_refusals_name_the_reason(how, match, calib_images):
     with pytest.raises(UserError, match=match):
         calibrate(_BadCat(how), calib_images[:8], progress=False)
+
+
+class _KeywordCat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat(tensors=[torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        return self.fc((y * y).mean((2, 3)))
+
+
+def test_op_inputs_come_from_args_and_kwargs_with_repeats(calib_images):
+    # cat's tensors given by keyword (a list inside kwargs), and y * y reading one tensor twice
+    qm = calibrate(_KeywordCat(), calib_images[:16], progress=False)
+    cat, mul = (op for op in qm.ops if op.kind in ("concat", "mul"))
+    assert len(cat.inputs) == 2 and mul.inputs == [cat.outputs[0]] * 2
+    assert np.array_equal(simulate(qm, calib_images[:16]), reference.run(qm, calib_images[:16]))
