@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torchvision.ops import stochastic_depth
 from tqdm import tqdm
 
 from calibration import observers
@@ -43,10 +44,11 @@ from ghnq.cli import UserError
 from ghnq.data import MEAN, STD
 
 SUPPORTED = ("Conv2d (groups 1 or depthwise), Linear, BatchNorm2d right after a Conv2d, ReLU, "
-             "ReLU6 (or Hardtanh(0, 6)), Hardswish, Hardsigmoid right after a Conv2d/Linear, tensor + tensor, "
+             "ReLU6 (or Hardtanh(0, 6)), Hardswish, Sigmoid, SiLU, Tanh, LeakyReLU, Hardsigmoid right after a "
+             "Conv2d/Linear, tensor + tensor, "
              "tensor * tensor, AdaptiveAvgPool2d(1), mean over H,W, MaxPool2d, AvgPool2d, ZeroPad2d, "
              "Flatten/flatten/reshape/view to [N, features] (read by Linear), torch.cat along channels, Identity, "
-             "Dropout")
+             "Dropout, StochasticDepth")
 FUSABLE = (*WEIGHTED_OPS, "add")
 SHARES_INPUT_QPARAMS = ("max_pool2d", "avg_pool2d", "pad", "reshape")
 
@@ -203,8 +205,10 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
             return "relu", {}
         if isinstance(mod, nn.ReLU6) or (isinstance(mod, nn.Hardtanh) and (mod.min_val, mod.max_val) == (0.0, 6.0)):
             return "relu6", {}
-        if isinstance(mod, nn.Hardswish):
-            return "hardswish", {}
+        if type(mod) in _TABLE_MODULES:
+            return _TABLE_MODULES[type(mod)], {}
+        if isinstance(mod, nn.LeakyReLU):
+            return "leaky_relu", {"alpha": float(mod.negative_slope)}
         if isinstance(mod, nn.Hardsigmoid):
             return "hardsigmoid", {}
         if isinstance(mod, nn.Identity | nn.Dropout):
@@ -242,12 +246,18 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
             return "relu6", {}
         if target is F.hardtanh and _hardtanh_bounds(args, kwargs) == (0.0, 6.0):
             return "relu6", {}
-        if target is F.hardswish:
-            return "hardswish", {}
+        if target in _TABLE_FUNCTIONS:
+            return _TABLE_FUNCTIONS[target], {}
+        if target is F.leaky_relu:
+            return "leaky_relu", {"alpha": float(args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01))}
         if target is F.hardsigmoid:
             return "hardsigmoid", {}
         if target is F.dropout:
             return "alias", {}
+        if target is stochastic_depth:  # torchvision's residual drop (EfficientNet): identity unless training
+            training = node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)
+            if training is False:
+                return "alias", {}
         if target is F.adaptive_avg_pool2d and _is_global_pool(args[1] if len(args) > 1 else kwargs.get("output_size")):
             return "mean", {"axes": [1, 2], "keepdims": True}
         if target is torch.mean:
@@ -263,11 +273,19 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
             return _reshape(node, fail)
         if node.target in ("relu", "relu_"):
             return "relu", {}
+        if node.target in ("sigmoid", "sigmoid_", "tanh", "tanh_"):
+            return node.target.rstrip("_"), {}
         if node.target == "add":
             return "add", {"fused": "none"}
         if node.target == "mul":
             return "mul", {"fused": "none"}
     raise fail(node, f"{node.op} {getattr(target, '__name__', target)}")
+
+
+# Elementwise functions lowered to table ops (qmodel.TABLE_OPS); leaky_relu also carries its slope.
+_TABLE_MODULES = {nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.Tanh: "tanh"}
+_TABLE_FUNCTIONS = {F.hardswish: "hardswish", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.silu: "silu",
+                    torch.tanh: "tanh", F.tanh: "tanh"}
 
 
 def _concat(node: fx.Node, fail) -> tuple[str, dict]:

@@ -38,7 +38,11 @@ Ops (`Op.kind`, inputs, attrs); `attrs["fused"]` in {"none", "relu", "relu6", "r
                                TFLite SAME semantics); output shares the input's (scale, zp)
   avg_pool2d        [x]        kernel, stride, padding; divides by the number of in-range positions (TFLite);
                                output shares the input's (scale, zp)
-  hardswish         [x]        own output (scale, zp), computed as TFLite's int8 HARD_SWISH
+  hardswish, sigmoid, silu, tanh, leaky_relu (TABLE_OPS)
+                    [x]        elementwise, own output (scale, zp); leaky_relu has `alpha` (the negative slope).
+                               Each is one int8 → int8 function: a 256-entry table of output codes
+                               (calibration.reference.table_for), which the TFLite writer writes as a GATHER
+                               and ExecuTorch's XNNPACK delegate computes in float32 code for code
   pad               [x]        padding [top, bottom, left, right], pads with the zero point (real 0);
                                output shares the input's (scale, zp)
   reshape           [x]        shape (the output shape); output shares the input's (scale, zp)
@@ -68,7 +72,7 @@ Fixed by calibration so that every runtime agrees (TFLite int8 constraints)
   max/avg pool, pad, reshape share their input's (scale, zp); concat's inputs and output all share one
   (scale, zp) (TFLite's int8 CONCATENATION and XNNPACK require it: a copy, no requantization);
   the relu_0_to_1 output is (1/255, -128);
-  mean, hardswish, mul, add, conv, fc outputs have their own observed (scale, zp).
+  mean, the table ops, mul, add, conv, fc outputs have their own observed (scale, zp).
 
 Provenance (`qm.meta`)
   spec (the validated spec dict), name, weights (where the float weights came from), method (activation
@@ -102,8 +106,9 @@ from ghnq.fileio import atomic_write
 FORMAT = "ghnq-qm"
 VERSION = 1
 WEIGHTED_OPS = ("conv2d", "depthwise_conv2d", "fully_connected")  # inputs: (x, int8 weight[, int32 bias])
-OP_KINDS = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", "hardswish", "pad", "reshape",
-            "concat")
+# Elementwise int8 → int8 functions every runtime evaluates as the same 256-entry table (see reference.table_for).
+TABLE_OPS = ("hardswish", "sigmoid", "silu", "tanh", "leaky_relu")
+OP_KINDS = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, "pad", "reshape", "concat")
 FUSED = ("none", "relu", "relu6", "relu_0_to_1")
 WEIGHT_BITS = (8, 6, 4, 2)
 INPUT_SCALE = float(np.float32(1.0 / 255.0))
@@ -197,6 +202,10 @@ class QuantizedModel:
                 if b.scale.shape != want.shape or not np.allclose(b.scale, want, rtol=1e-6, atol=0):
                     raise UserError(f"{where}: bias {op.inputs[2]!r} has scale {b.scale[:3]}, but the int8 runtimes "
                                     f"need input scale × weight scale = {want[:3]}")
+            if op.kind == "leaky_relu":
+                alpha = op.attrs.get("alpha")
+                if not isinstance(alpha, int | float) or not np.isfinite(alpha):
+                    raise UserError(f"{where}: attrs.alpha={alpha!r}; leaky_relu needs a finite negative slope")
             if op.kind == "concat":
                 q = {(tuple(self.tensors[n].scale), tuple(self.tensors[n].zero_point)) for n in op.inputs + op.outputs}
                 if len(q) != 1:

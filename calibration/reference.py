@@ -17,8 +17,9 @@ LiteRT specifics, named where they are used (see /work/shared/EXPORT-NOTES.md):
   * MEAN folds 1/N into the multiplier: shift' = min(floor(log2 N), 32, 31 + shift),
     mult' = (mult << shift') // N, applied to (sum - zp_in * N) with shift - shift';
   * ADD rescales both inputs to a common scale with left_shift 20 (TFLite's int8 add);
-  * hardswish: a 256-entry int8 table (`hardswish_table`), which export.tflite writes as CAST → ADD → GATHER
-    (not TFLite's HARD_SWISH, whose int16 fixed-point kernel is kept here as `tflite_hardswish` for comparison).
+  * hardswish, sigmoid, silu, tanh, leaky_relu: a 256-entry int8 table (`table_for`), which export.tflite writes
+    as CAST → ADD → GATHER (not TFLite's HARD_SWISH, whose int16 fixed-point kernel is kept here as
+    `tflite_hardswish` for comparison, nor LOGISTIC / TANH, which fix the output scale).
 XNNPACK (the default delegate) rounds some of these differently; it may differ from this by one code.
 Only 8-bit activations exist here (4-bit activations are simulation-only).
 """
@@ -30,7 +31,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from calibration.qmodel import WEIGHTED_OPS, Op, QuantizedModel, input_codes
+from calibration.qmodel import TABLE_OPS, WEIGHTED_OPS, Op, QuantizedModel, input_codes
 from ghnq.cli import UserError
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
@@ -278,32 +279,34 @@ def _downscale_to_int16(m: int) -> int:
     return INT16_MAX if m >= INT32_MAX - (1 << 15) else (m + (1 << 15)) >> 16
 
 
-@lru_cache(maxsize=1024)
-def hardswish_table(qi: tuple[float, int], qo: tuple[float, int]) -> np.ndarray:
-    """int8 hardswish as one integer function: table[q + 128] = output code of input code q (read-only).
+@lru_cache(maxsize=4096)
+def table_for(kind: str, qi: tuple[float, int], qo: tuple[float, int], alpha: float = 0.0) -> np.ndarray:
+    """A table op (qmodel.TABLE_OPS) as one integer function: table[q + 128] = output code of input code q
+    (read-only). `alpha` is leaky_relu's negative slope.
 
-    Why a table, and this one: it is exactly what ExecuTorch's XNNPACK delegate computes (its partitioner lowers
-    hardswish only in fp32: dequantize → float32 hardswish → quantize, inside the delegate), while TFLite's own
-    int8 HARD_SWISH kernel (`tflite_hardswish`, int16 fixed point) differs from it by up to 1 code per op. A
-    table is the one integer function every runtime can evaluate identically, so export.tflite writes this
-    table (CAST → ADD 128 → GATHER) and the sim uses it in every rounding mode. Built once per (qi, qo); the
-    fp32 order of operations is calibration.sim.et_hardswish_table's (measured code for code).
+    Why a table, and this one: ExecuTorch's XNNPACK partitioner lowers these ops only in fp32 (inside the
+    delegate: dequantize → float32 op → quantize), while TFLite's int8 kernels use fixed-point approximations
+    (HARD_SWISH: `tflite_hardswish`, up to 1 code away; LOGISTIC / TANH even fix the output scale). A table is
+    the one integer function every runtime can evaluate identically, so export.tflite writes this table
+    (CAST → ADD 128 → GATHER) and the sim uses it in every rounding mode. It is ExecuTorch's fp32 computation,
+    calibration.sim.et_table (measured code for code). Built once per (kind, qi, qo, alpha).
     """
-    from calibration.sim import et_hardswish_table  # here, not at the top: calibration.sim imports this module
+    from calibration.sim import et_table  # here, not at the top: calibration.sim imports this module
 
-    table = et_hardswish_table((float(qi[0]), int(qi[1])), (float(qo[0]), int(qo[1])))
+    table = et_table(kind, (float(qi[0]), int(qi[1])), (float(qo[0]), int(qo[1])), float(alpha))
     table.flags.writeable = False  # shared by every caller through the cache
     return table
 
 
-def hardswish(x: np.ndarray, qi: tuple[float, int], qo: tuple[float, int]) -> np.ndarray:
-    """int8 hardswish: integer codes in → `hardswish_table` → integer codes out."""
-    return hardswish_table((float(qi[0]), int(qi[1])), (float(qo[0]), int(qo[1])))[x.astype(np.int64) + 128]
+def table_lookup(op: Op, x: np.ndarray, qi: tuple[float, int], qo: tuple[float, int]) -> np.ndarray:
+    """int8 table op: integer codes in → `table_for` → integer codes out."""
+    table = table_for(op.kind, (float(qi[0]), int(qi[1])), (float(qo[0]), int(qo[1])), op.attrs.get("alpha", 0.0))
+    return table[x.astype(np.int64) + 128]
 
 
 def tflite_hardswish(x: np.ndarray, qi: tuple[float, int], qo: tuple[float, int]) -> np.ndarray:
     """reference_ops::HardSwish<int8> with HardSwishPrepare's params (float32 scale arithmetic): TFLite's own
-    HARD_SWISH, which the exporter no longer writes (it differs from ExecuTorch's; see `hardswish_table`)."""
+    HARD_SWISH, which the exporter no longer writes (it differs from ExecuTorch's; see `table_for`)."""
     hires = np.float32(1.0 / 128.0) * np.float32(qi[0])
     om, oe = quantize_multiplier(float(np.float32(hires / np.float32(qo[0]))))
     rm, re_ = quantize_multiplier(float(np.float32(hires / np.float32(3.0 / 32768.0))))
@@ -370,8 +373,8 @@ def run_op(qm: QuantizedModel, op: Op, env: dict[str, np.ndarray]) -> np.ndarray
         return max_pool2d(op, env[op.inputs[0]])
     if k == "avg_pool2d":
         return avg_pool2d(op, env[op.inputs[0]])
-    if k == "hardswish":
-        return hardswish(env[op.inputs[0]], q[op.inputs[0]], q[out])
+    if k in TABLE_OPS:
+        return table_lookup(op, env[op.inputs[0]], q[op.inputs[0]], q[out])
     if k == "pad":
         return pad(op, env[op.inputs[0]], q[op.inputs[0]][1])
     if k == "reshape":

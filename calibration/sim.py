@@ -9,8 +9,9 @@ in float64 tensors, batched, CPU or CUDA), quantized at exactly the QM's tensors
     conv / depthwise / fc / mul / mean: the exact integer accumulator acc = Σ (q_x - zp_x)·q_w + q_b
       (float64 holds it exactly), then requantized to the output scale;
     add: in real values, y = (q_a - zp_a)·s_a + (q_b - zp_b)·s_b, then q = round_half_away(y / s_out) + zp_out;
-    hardswish: calibration.reference.hardswish_table in every rounding mode (the 256-entry int8 table of
-      ExecuTorch's fp32 hardswish, which the TFLite writer writes as CAST → ADD → GATHER, so all runtimes agree);
+    hardswish, sigmoid, silu, tanh, leaky_relu: calibration.reference.table_for in every rounding mode (the
+      256-entry int8 table of ExecuTorch's fp32 op, which the TFLite writer writes as CAST → ADD → GATHER, so
+      all runtimes agree);
     max/avg pool, pad, reshape: on the codes (they share their input's scale);
 then the fused-activation clamp and the saturating cast to the tensor's [qmin, qmax] (4-bit activations
 exist only here). Requantization (`rounding`):
@@ -24,10 +25,10 @@ exist only here). Requantization (`rounding`):
       XNNPACK backend run (functions `xnn_*` below, each naming its XNNPACK source): conv / depthwise / fc /
       mul in float32 ("fp32" requantization, round half to even), add with XNNPACK's own integer
       multipliers and shift, mean with 1/N and the zero points folded into a float32 scale and offset.
-      Hardswish is the shared table (LiteRT runs the writer's GATHER outside the delegate).
+      The table ops are the shared table (LiteRT runs the writer's GATHER outside the delegate).
     "executorch": "xnnpack", except the ops ExecuTorch's XNNPACK partitioner lowers only in fp32 (they run
       inside the delegate between convert ops: dequantize → float32 op → quantize, see `et_*` below):
-      hardswish (the shared table above, which is defined as this fp32 computation) and avg_pool2d
+      the table ops (the shared tables above, which are defined as this fp32 computation) and avg_pool2d
       (XNNPACK's float32 pooling sum and 1/count multiplier). Pad is exact either way (the round trip of a
       code through float32 returns the code; the padding value real 0 is the zero point).
 The input is the int8 code `pixel - 128` (scale 1/255, zero point 0).
@@ -50,12 +51,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calibration.qmodel import WEIGHTED_OPS, Op, QuantizedModel, input_codes
-from calibration.reference import activation_range, hardswish_table, mean_multiplier, mul_scale, quantize_multiplier
+from calibration.qmodel import TABLE_OPS, WEIGHTED_OPS, Op, QuantizedModel, input_codes
+from calibration.reference import activation_range, mean_multiplier, mul_scale, quantize_multiplier, table_for
 
 Hook = Callable[[str, torch.Tensor], torch.Tensor]
 ROUNDINGS = ("tflite", "float", "xnnpack", "executorch")
-ET_FP32_OPS = ("hardswish", "avg_pool2d")  # what rounding="executorch" computes as dequantize → float32 → quantize
+ET_FP32_OPS = (*TABLE_OPS, "avg_pool2d")  # what rounding="executorch" computes as dequantize → float32 → quantize
 _CLAMP = {"none": (None, None), "relu": (0.0, None), "relu6": (0.0, 6.0), "relu_0_to_1": (0.0, 1.0)}
 
 
@@ -82,6 +83,14 @@ def _pad(x: torch.Tensor, padding: list[int], value: float = 0.0) -> torch.Tenso
     return F.pad(x, (left, r, t, b), value=value) if any(padding) else x
 
 
+def table_function(kind: str, attrs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The float function of a table op (qmodel.TABLE_OPS)."""
+    if kind == "leaky_relu":
+        alpha = float(attrs["alpha"])
+        return lambda x: F.leaky_relu(x, alpha)
+    return {"hardswish": F.hardswish, "sigmoid": torch.sigmoid, "silu": F.silu, "tanh": torch.tanh}[kind]
+
+
 def run_op(op: Op, args: list[torch.Tensor]) -> torch.Tensor:
     """One op in float, NCHW for 4-D tensors."""
     a = op.attrs
@@ -106,8 +115,8 @@ def run_op(op: Op, args: list[torch.Tensor]) -> torch.Tensor:
         total = F.avg_pool2d(_pad(x, a["padding"]), a["kernel"], a["stride"], divisor_override=1)
         ones = _pad(torch.ones_like(x[:1, :1]), a["padding"])
         return total / F.avg_pool2d(ones, a["kernel"], a["stride"], divisor_override=1)
-    if k == "hardswish":
-        return F.hardswish(args[0])
+    if k in TABLE_OPS:
+        return table_function(k, a)(args[0])
     if k == "pad":
         return _pad(args[0], a["padding"])
     if k == "reshape":
@@ -163,11 +172,11 @@ class Simulator:
             (sa, _, _, _), (sb, _, _, _) = self.q[op.inputs[0]], self.q[op.inputs[1]]
             p["eff"] = mul_scale(sa, sb, s_out)
             p["mult"], p["shift"] = quantize_multiplier(p["eff"])
-        elif op.kind == "hardswish":
-            # the integer reference's table (ExecuTorch's fp32 hardswish per code), whatever the rounding mode:
+        elif op.kind in TABLE_OPS:
+            # the integer reference's table (ExecuTorch's fp32 op per code), whatever the rounding mode:
             # every runtime evaluates this same table, so the sim is bit-exact here in all of them
             qi, qo = self.q[op.inputs[0]], self.q[op.outputs[0]]
-            lut = hardswish_table(qi[:2], qo[:2])
+            lut = table_for(op.kind, qi[:2], qo[:2], op.attrs.get("alpha", 0.0))
             p["lut"] = torch.as_tensor(lut.astype(np.float64), device=dev).to(self.dtype)
         elif op.kind == "mean":
             shape = self.qm.tensors[op.inputs[0]].shape
@@ -225,7 +234,7 @@ class Simulator:
             else:
                 real = [(t - q[1]) * q[0] for t, q in zip(args, ins, strict=True)]
                 y = round_half_away((real[0] + real[1]) / s_out)
-        elif k == "hardswish":
+        elif k in TABLE_OPS:
             lo, hi = p["clamp"]
             return p["lut"][(args[0] + 128).long()].clamp(lo, hi)
         elif k == "max_pool2d":
@@ -436,7 +445,7 @@ def xnn_mean_requantize(total: torch.Tensor, p: dict) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# ExecuTorch's XNNPACK delegate runs hardswish and avg_pool2d in float32 between convert ops (its partitioner
+# ExecuTorch's XNNPACK delegate runs the table ops and avg_pool2d in float32 between convert ops (its partitioner
 # configs for them allow FP32 only). Measured code for code with one op alone in the ExecuTorch 1.5.1 runtime
 # on every input code (tests/test_export_executorch.py): convert qs8 → f32 is float32(q − zp) · s; convert
 # f32 → qs8 is round half to even of y · float32(1 / s_out), plus zp, saturated.
@@ -453,6 +462,25 @@ def et_hardswish_table(q_in: tuple[float, int], q_out: tuple[float, int]) -> np.
     on every code (measured; x·(1/6)·clamp and x·clamp/6 miss 1–2 of 768 codes with round scales)."""
     x = torch.arange(-128, 128, dtype=torch.float32).sub(q_in[1]).mul(torch.tensor(_f32(q_in[0])))
     y = x * ((x + 3.0).clamp(0.0, 6.0) * torch.tensor(_f32(1.0 / 6.0)))
+    return _et_quantize(y, *q_out).numpy().astype(np.int8)
+
+
+def et_table(kind: str, q_in: tuple[float, int], q_out: tuple[float, int], alpha: float = 0.0) -> np.ndarray:
+    """int8 code + 128 → output code of a table op (qmodel.TABLE_OPS): XNNPACK's f32 op of the dequantized
+    code, quantized, as ExecuTorch's delegate runs it (every one is FP32-only in its partitioner configs).
+      hardswish: `et_hardswish_table` (the float32 evaluation order matters on ties);
+      leaky_relu: x < 0 ? x · float32(alpha) : x, in float32 (XNNPACK's f32 kernel: one rounding);
+      sigmoid, silu, tanh: the correctly rounded float32 value of the function (evaluated in float64). XNNPACK
+        evaluates them with float32 approximations of its own, within a few ulps; the quantized code differs
+        only where y / s_out is within ~1e-5 of a rounding tie. Measured: the runtime's codes equal this table on
+        every code of every (scale, zero point) tried (tests/test_export_executorch.py)."""
+    if kind == "hardswish":
+        return et_hardswish_table(q_in, q_out)
+    x = torch.arange(-128, 128, dtype=torch.float32).sub(q_in[1]).mul(torch.tensor(_f32(q_in[0])))
+    if kind == "leaky_relu":
+        y = torch.where(x < 0, x * torch.tensor(_f32(alpha)), x)
+    else:
+        y = table_function(kind, {})(x.double()).to(torch.float32)
     return _et_quantize(y, *q_out).numpy().astype(np.int8)
 
 

@@ -20,7 +20,7 @@ Route (each step one function below, read top to bottom):
   3. `lower`: int8 I/O first, on the ATen program: `quantize_input` / `quantize_output` (the functions
      behind ExecuTorch's QuantizeInputs / QuantizeOutputs passes) drop the input's quantize and the output's
      dequantize, so the program takes and returns int8 codes; then `to_edge_transform_and_lower` with the
-     `XnnpackPartitioner` (which keeps linear / max_pool2d / hardswish undecomposed for XNNPACK) →
+     `XnnpackPartitioner` (which keeps linear / max_pool2d / hardswish / sigmoid undecomposed for XNNPACK) →
      `to_executorch`. (After lowering, the delegate has already absorbed those q/dq nodes, see
      ../shared/EXPORT-NOTES.md; with plain `to_edge` + `to_backend`, `to_edge` decomposes linear into
      permute + addmm and max_pool2d into max_pool2d_with_indices, which stayed on the portable kernels.)
@@ -29,8 +29,9 @@ Route (each step one function below, read top to bottom):
      anything, is left outside XNNPACK. Both go into the report.
 
 What XNNPACK runs in int8 here: conv (regular and depthwise), linear, add, mul, mean over H, W, max pool,
-relu / relu6 / 0..1 clamps, reshape. XNNPACK's ExecuTorch partitioner configs allow hardswish, average pool
-and constant pad in FP32 only (ExecuTorch 1.5.1: HardswishConfig, AvgPoolingConfig, ConstantPadConfig; the
+relu / relu6 / 0..1 clamps, reshape. XNNPACK's ExecuTorch partitioner configs allow hardswish, sigmoid, tanh,
+leaky relu (and SiLU, decomposed into sigmoid · x), average pool and constant pad in FP32 only (ExecuTorch
+1.5.1: HardswishConfig, SigmoidConfig, TanhConfig, LeakyReLUConfig, AvgPoolingConfig, ConstantPadConfig; the
 bundled XNNPACK has no int8 average pooling at all, "Average Pooling (NHWC, F16/F32)" only): they run inside
 the same delegate in fp32 between XNNPACK convert ops (dequantize → op → quantize with the QM's parameters).
 The report counts them under `writer.delegation.fp32_inside_delegate` ({op: count}; a conv's explicit
@@ -67,20 +68,22 @@ from torchao.quantization.pt2e.quantizer import (
 )
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
-from calibration.qmodel import WEIGHTED_OPS, Op, QuantizedModel
+from calibration.qmodel import TABLE_OPS, WEIGHTED_OPS, Op, QuantizedModel
+from calibration.sim import table_function
 from export.pipeline import Built, add_common_args, check_requantization, run_export, runtime_refusal
 from export.verify import Runners
 from ghnq.cli import UserError, drop_native_log_lines, run_cli
 from ghnq.fileio import atomic_write_bytes
 
-SUPPORTED = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", "hardswish", "pad", "reshape",
-             "concat")
+SUPPORTED = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, "pad", "reshape", "concat")
 # XNNPACK's ExecuTorch partitioner lowers these only in fp32: inside the delegate they run between convert ops.
-FP32_ONLY = ("hardswish", "avg_pool2d", "pad")
+# (SiLU has no config of its own: to_edge decomposes it into sigmoid and mul, both delegated, in fp32.)
+FP32_ONLY = (*TABLE_OPS, "avg_pool2d", "pad")
 # Compute ops that must end up inside the XNNPACK delegate (edge-dialect op names of get_delegation_info).
 MUST_DELEGATE = ("aten_convolution_default", "aten_linear_default", "aten_add_tensor", "aten_mul_tensor",
                  "aten_mean_dim", "aten_max_pool2d_default", "aten_avg_pool2d_default",
-                 "aten_max_pool2d_with_indices_default")
+                 "aten_max_pool2d_with_indices_default", "aten_hardswish_default", "aten_sigmoid_default",
+                 "aten_tanh_default", "aten_leaky_relu_default")
 ACT_MIN, ACT_MAX, W_MIN, W_MAX = -128, 127, -127, 127  # XNNPACK's int8 ranges (activations, weights)
 
 
@@ -182,8 +185,8 @@ class OpModule(nn.Module):
         elif k == "avg_pool2d":
             # the QM divides by the in-range positions: torch's count_include_pad=False
             y = F.avg_pool2d(x, a["kernel"], a["stride"], _pool_padding_attrs(a), count_include_pad=False)
-        elif k == "hardswish":
-            y = F.hardswish(x)
+        elif k in TABLE_OPS:
+            y = table_function(k, a)(x)
         elif k == "pad":
             t, b, left, r = a["padding"]
             y = F.pad(x, (left, r, t, b))
@@ -623,7 +626,7 @@ class ExecuTorchRunner:
         self.fp32_input = fp32_input
         kind = "fp32" if fp32_input else "int8"
         self.name = (f"ExecuTorch {_executorch_version()} XNNPACK ({kind}, {threads} thread{'s' * (threads > 1)})")
-        # XNNPACK's int8 kernels (as LiteRT's default delegate), except hardswish / avg pool / pad, which run in
+        # XNNPACK's int8 kernels (as LiteRT's default delegate), except the table ops / avg pool / pad, which run in
         # fp32 inside this delegate: export.verify holds it to simulate(rounding="executorch")
         self.arithmetic = "executorch"
 

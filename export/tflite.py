@@ -7,9 +7,9 @@ representative dataset → their own ranges), so the scales, zero points, int8 w
 their files are not the ones our calibration chose, and the sim would no longer predict the device. The
 schema's generated object API (`ai_edge_litert.schema_py_generated`: ModelT, SubGraphT, TensorT, ...) lets us
 write exactly the QuantizedModel's numbers, op by op, with no converter in between: every QM op becomes one
-TFLite builtin (plus a PAD where torch's symmetric padding is not TFLite's SAME; int8 hardswish is a table
-lookup, CAST → ADD → GATHER, see `_hardswish`), activations are fused, the layout is NHWC from the start (no
-transposes), and the input/output tensors are int8.
+TFLite builtin (plus a PAD where torch's symmetric padding is not TFLite's SAME; int8 hardswish / sigmoid /
+silu / tanh / leaky_relu are a table lookup, CAST → ADD → GATHER, see `_table`), activations are fused, the
+layout is NHWC from the start (no transposes), and the input/output tensors are int8.
 
 The fp32 twin: the same writer with float32 tensors and the QM's dequantized constants (w = q·s, b = q_b·s_b),
 so it is the same graph doing the same work in float — the fair latency baseline (its accuracy differs from
@@ -30,8 +30,8 @@ import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as tfl
 
-from calibration.qmodel import Op, QuantizedModel, Tensor
-from calibration.reference import hardswish_table
+from calibration.qmodel import TABLE_OPS, Op, QuantizedModel, Tensor
+from calibration.reference import table_for
 from export.pipeline import Built, add_common_args, check_requantization, run_export, runtime_refusal
 from export.verify import Runners
 from ghnq.cli import UserError, drop_native_log_lines, run_cli
@@ -43,7 +43,7 @@ from ghnq.fileio import atomic_write_bytes
 INT8_VERSIONS = {
     "CONV_2D": 3, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 4, "ADD": 2, "MUL": 2, "MEAN": 2,
     "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2, "HARD_SWISH": 1, "PAD": 2, "RESHAPE": 1, "CONCATENATION": 2,
-    # int8 hardswish's table lookup (see _hardswish): versions from TFLite's op_version.cc rules (CAST with an
+    # the table ops' lookup (see _table): versions from TFLite's op_version.cc rules (CAST with an
     # int8 side: 3, GATHER of int8 params: 2), not from a conversion
     "CAST": 3, "GATHER": 2,
 }
@@ -357,20 +357,22 @@ def _pool(c: _Ctx, op: Op, code: str) -> None:
     c.g.op(code, [c.activation(x)], [c.activation(op.outputs[0])], opts, c.version(code))
 
 
-def _hardswish(c: _Ctx, op: Op) -> None:
-    """int8: the integer reference's 256-entry table, looked up with integer-only builtins:
+def _table(c: _Ctx, op: Op) -> None:
+    """int8 table op (hardswish, sigmoid, silu, tanh, leaky_relu): the integer reference's 256-entry table,
+    looked up with integer-only builtins:
     CAST(int8 → int32) → ADD(+128, int32) → GATHER(params = the int8 table carrying the output's quantization).
 
-    Not HARD_SWISH: TFLite's int8 kernel (int16 fixed point) differs by up to a code per op from what ExecuTorch's
-    XNNPACK delegate computes (fp32 hardswish between dequantize and quantize), and a table is the one function
-    both can evaluate identically. The three ops run on LiteRT's builtin kernels (the XNNPACK delegate takes none
-    of them). fp32 twin: HARD_SWISH."""
+    Not HARD_SWISH / LOGISTIC / TANH / LEAKY_RELU: TFLite's int8 kernels are fixed-point approximations that
+    differ by up to a code per op from what ExecuTorch's XNNPACK delegate computes (the fp32 op between
+    dequantize and quantize), and LOGISTIC / TANH also force their own output scale. A table is the one
+    function both can evaluate identically, for any output (scale, zp) calibration chose. The three ops run on
+    LiteRT's builtin kernels (the XNNPACK delegate takes none of them). fp32 twin: the float builtins."""
     x, y = op.inputs[0], op.outputs[0]
     if c.fp32:
-        c.g.op("HARD_SWISH", [c.activation(x)], [c.activation(y)], None, c.version("HARD_SWISH"))
+        _fp32_table_op(c, op)
         return
     t_in, t_out = c.qm.tensors[x], c.qm.tensors[y]
-    table = hardswish_table(t_in.qparams, t_out.qparams)
+    table = table_for(op.kind, t_in.qparams, t_out.qparams, op.attrs.get("alpha", 0.0))
     shape = list(t_in.shape)
     codes, index = f"{y}/codes", f"{y}/index"
     c.g.tensor(codes, shape, "int32")
@@ -382,6 +384,20 @@ def _hardswish(c: _Ctx, op: Op) -> None:
     c.g.op("ADD", [codes, c.int32_const(f"{y}/offset", [128])], [index], tfl.AddOptionsT(), INT32_VERSIONS["ADD"])
     c.g.op("GATHER", [f"{y}/table", index], [c.activation(y)], tfl.GatherOptionsT(axis=0, batchDims=0),
            c.version("GATHER"))
+
+
+def _fp32_table_op(c: _Ctx, op: Op) -> None:
+    """The fp32 twin's builtin for a table op; SiLU has none: x · LOGISTIC(x)."""
+    x, y = c.activation(op.inputs[0]), c.activation(op.outputs[0])
+    if op.kind == "silu":
+        gate = c.activation(f"{op.outputs[0]}/sigmoid", list(c.qm.tensors[op.outputs[0]].shape), like=op.outputs[0])
+        c.g.op("LOGISTIC", [x], [gate], None, FP32_VERSION)
+        c.g.op("MUL", [x, gate], [y], tfl.MulOptionsT(), FP32_VERSION)
+    elif op.kind == "leaky_relu":
+        c.g.op("LEAKY_RELU", [x], [y], tfl.LeakyReluOptionsT(alpha=float(op.attrs["alpha"])), FP32_VERSION)
+    else:
+        code = {"hardswish": "HARD_SWISH", "sigmoid": "LOGISTIC", "tanh": "TANH"}[op.kind]
+        c.g.op(code, [x], [y], None, FP32_VERSION)
 
 
 def _pad(c: _Ctx, op: Op) -> None:
@@ -408,7 +424,7 @@ def _concat(c: _Ctx, op: Op) -> None:
 EMITTERS = {
     "conv2d": _conv2d, "depthwise_conv2d": _depthwise_conv2d, "fully_connected": _fully_connected, "add": _add,
     "mul": _mul, "mean": _mean, "max_pool2d": lambda c, op: _pool(c, op, "MAX_POOL_2D"),
-    "avg_pool2d": lambda c, op: _pool(c, op, "AVERAGE_POOL_2D"), "hardswish": _hardswish, "pad": _pad,
+    "avg_pool2d": lambda c, op: _pool(c, op, "AVERAGE_POOL_2D"), **dict.fromkeys(TABLE_OPS, _table), "pad": _pad,
     "reshape": _reshape, "concat": _concat,
 }
 

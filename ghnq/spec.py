@@ -65,6 +65,7 @@ TORCHVISION_BUILDERS: dict[str, dict[str, str]] = {
     "mobilenet_v3_large": {"width_mult": "width", "dropout": "prob"},
     "mnasnet0_5": {"dropout": "prob"},
     "mnasnet1_0": {"dropout": "prob"},
+    "efficientnet_b0": {"dropout": "prob", "stochastic_depth_prob": "prob"},
 }
 
 

@@ -39,3 +39,25 @@ class FireNet(nn.Module):
         y = self.pool(torch.cat([F.relu(self.expand1(y)), F.relu(self.expand3(y))], 1))
         z = torch.cat((y, F.relu(self.side(self.pool(x)))), dim=1)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(z, 1), 1))
+
+
+class SwishNet(nn.Module):
+    """EfficientNet-style: SiLU after conv + BN, a squeeze-excite gate through a sigmoid (x · sigmoid(fc(gap(x)))),
+    then LeakyReLU and tanh; module, function and method spellings of each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16))
+        self.se_reduce, self.se_expand = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.project = nn.Sequential(nn.Conv2d(16, 24, 1), nn.BatchNorm2d(24), nn.LeakyReLU(0.1))
+        self.down = nn.Conv2d(24, 32, 3, stride=2, padding=1)
+        self.act = nn.Tanh()
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.dw(self.stem(x)))
+        gate = self.se_expand(F.silu(self.se_reduce(x.mean((2, 3), keepdim=True)))).sigmoid()
+        x = self.project(x * gate)
+        x = F.leaky_relu(self.down(x), 0.2) + torch.tanh(self.down(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.act(x), 1), 1))

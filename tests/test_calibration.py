@@ -262,20 +262,29 @@ def test_exact_integer_accumulators(cin, groups, wmax):
     assert torch.equal(fc.long(), xf @ wf.T + b[:1])
 
 
+TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.2})]
+
+
+@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k for k, _ in TABLES])
 @pytest.mark.parametrize("qi, qo", [((0.0655, -12), (0.00725, -94)), ((0.05, 0), (0.02, -100))])
-def test_hardswish_is_one_table_in_every_rounding(qi, qo):
-    """hardswish on all 256 codes: the integer reference and the sim in every rounding mode compute the same
-    table, ExecuTorch's fp32 hardswish per code (calibration.sim.et_hardswish_table), not TFLite's HARD_SWISH."""
+def test_table_op_is_one_table_in_every_rounding(kind, attrs, qi, qo):
+    """A table op on all 256 codes: the integer reference and the sim in every rounding mode compute the same
+    table, ExecuTorch's fp32 op per code (calibration.sim.et_table); within one code of the float function."""
     from calibration.qmodel import Op, QuantizedModel, Tensor
-    from calibration.sim import ROUNDINGS, et_hardswish_table
+    from calibration.sim import ROUNDINGS, et_table, table_function
 
     t = {n: Tensor(n, [1, 16, 16, 1], "int8", np.array([s], np.float32), np.array([zp]))
          for n, (s, zp) in (("x", qi), ("y", qo))}
-    qm = QuantizedModel([Op("hardswish", ["x"], ["y"])], t, "x", "y")
+    op = Op(kind, ["x"], ["y"], dict(attrs))
+    qm = QuantizedModel([op], t, "x", "y")
     x = np.arange(-128, 128, dtype=np.int8).reshape(1, 16, 16, 1)
-    want = reference.hardswish(x, qi, qo)
-    assert np.array_equal(want.ravel(), et_hardswish_table(qi, qo))
-    assert not np.array_equal(want, reference.tflite_hardswish(x, qi, qo))
+    want = reference.table_lookup(op, x, qi, qo)
+    assert np.array_equal(want.ravel(), et_table(kind, qi, qo, attrs.get("alpha", 0.0)))
+    real = table_function(kind, attrs)((torch.from_numpy(x).double() - qi[1]) * qi[0])
+    ideal = (real / qo[0]).round().add(qo[1]).clamp(-128, 127).numpy()
+    assert np.abs(want - ideal).max() <= 1  # float32 and rounding ties only
+    if kind == "hardswish":
+        assert not np.array_equal(want, reference.tflite_hardswish(x, qi, qo))
     for rounding in ROUNDINGS:
         got = Simulator(qm, rounding=rounding).forward(torch.from_numpy(x)).numpy()
         assert np.array_equal(got.reshape(want.shape), want), rounding
@@ -494,6 +503,38 @@ def test_concat_joins_one_shared_quantization(calib_images, test_images):
     t.scale = t.scale * 2
     with pytest.raises(UserError, match="concat inputs and output must share"):
         bad.validate()
+
+
+def test_table_ops_from_module_function_and_method_spellings(calib_images, test_images):
+    """SiLU / sigmoid / tanh / LeakyReLU as modules, functions and methods become table ops (the float graph is the
+    torch model, the sim equals the integer reference, see _user_net_qm); each slope is kept."""
+    from tests.nets import SwishNet
+
+    torch.manual_seed(0)
+    qm = _user_net_qm(SwishNet(), calib_images, test_images)
+    kinds = [op.kind for op in qm.ops]
+    assert {k: kinds.count(k) for k in ("silu", "sigmoid", "tanh", "leaky_relu")} == {
+        "silu": 3, "sigmoid": 1, "tanh": 2, "leaky_relu": 2}
+    assert sorted(op.attrs["alpha"] for op in qm.ops if op.kind == "leaky_relu") == [0.1, 0.2]
+    gate = next(op for op in qm.ops if op.kind == "sigmoid")
+    assert qm.tensors[gate.outputs[0]].rmin >= 0  # an observed range, not a fixed one: sigmoid is ≥ 0
+    bad = copy.deepcopy(qm)
+    next(op for op in bad.ops if op.kind == "leaky_relu").attrs["alpha"] = float("nan")
+    with pytest.raises(UserError, match="leaky_relu needs a finite negative slope"):
+        bad.validate()
+
+
+def test_torchvision_efficientnet_b0_is_supported(calib_images, test_images):
+    """torchvision's EfficientNet-B0 (SiLU, sigmoid squeeze-excite gates, StochasticDepth on the residuals, which
+    is the identity in eval): every node lowers, and the sim equals the integer reference on real images."""
+    import torchvision
+
+    torch.manual_seed(0)
+    qm = calibrate(torchvision.models.efficientnet_b0(num_classes=10), calib_images[:8], progress=False)
+    kinds = [op.kind for op in qm.ops]
+    assert kinds.count("sigmoid") == 16 and kinds.count("silu") == 49 and kinds.count("add") == 9
+    images = test_images[0][:4]
+    assert np.array_equal(simulate(qm, images), reference.run(qm, images))
 
 
 class _BadCat(nn.Module):

@@ -33,7 +33,7 @@ from export import executorch as E
 from ghnq.cli import UserError, run_cli
 from ghnq.data import load_eval_images
 from ghnq.spec import build_model, load_spec
-from tests.nets import FireNet, FlatNet
+from tests.nets import FireNet, FlatNet, SwishNet
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
@@ -42,7 +42,7 @@ N_IMAGES = 32
 
 # ----------------------------------------------------------------------------------------------------
 # Models under test: small nets with the ops no spec has (max / avg pool, zero pad, hardswish; a flatten of a
-# spatial map, concat: tests/nets.py), and the
+# spatial map, concat, SiLU / sigmoid / tanh / leaky relu: tests/nets.py), and the
 # specs, each calibrated on real CIFAR-10 images through calibration.calibrate
 
 
@@ -74,7 +74,7 @@ def _random_init(model: nn.Module) -> nn.Module:
 @cache
 def get(name: str) -> tuple[QuantizedModel, np.ndarray]:
     """(QM, real test images): seeded random weights, BN re-estimated, calibrated on 64 real train images."""
-    nets = {"poolnet": PoolNet, "flatnet": FlatNet, "firenet": FireNet}
+    nets = {"poolnet": PoolNet, "flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet}
     model = nets[name]() if name in nets else build_model(load_spec(ROOT / "specs" / f"{name}.yaml"))
     calib, _, _ = load_eval_images(64, split="train", quiet=True)
     images, _, _ = load_eval_images(N_IMAGES, split="test", quiet=True)
@@ -87,7 +87,7 @@ def program(name: str) -> E.Program:
     return E.lower(get(name)[0])
 
 
-FAST = ["poolnet", "flatnet", "firenet", "tiny-mbv2"]
+FAST = ["poolnet", "flatnet", "firenet", "swishnet", "tiny-mbv2"]
 ALL = FAST + [pytest.param(s, marks=pytest.mark.slow) for s in SPECS if s not in FAST]
 
 
@@ -256,15 +256,40 @@ def test_fp32_ops_inside_the_delegate_alone(s_in: float, zp_in: int, s_out: floa
     assert (got != other).sum() >= 4  # measured: 10 and 56 codes differ (avg pool ties, 1 and 11 table entries)
 
 
+TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.1})]
+
+
+@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k for k, _ in TABLES])
+@pytest.mark.parametrize("qi, qo", [((0.0655, -12), (0.00725, -94)), ((0.031, 7), (0.0211, -3))])
+def test_table_op_inside_the_delegate_on_every_code(kind: str, attrs: dict, qi: tuple[float, int],
+                                                    qo: tuple[float, int], tmp_path: Path) -> None:
+    """Each table op alone on all 256 input codes runs inside the XNNPACK delegate (fp32 between convert ops;
+    SiLU as sigmoid and mul) and returns the integer reference's table, code for code."""
+    from calibration.reference import table_lookup
+
+    op = Op(kind, ["x"], ["y"], dict(attrs))
+    shape = [1, 16, 16, 1]
+    qm = QuantizedModel([op], {"x": _t("x", shape, *qi), "y": _t("y", shape, *qo)}, "x", "y")
+    assert E.fp32_inside_delegate(qm) == {kind: 1}
+    prog = E.lower(qm)
+    assert prog.delegation["outside_delegate"] == {} and prog.delegation["delegated_subgraphs"] == 1
+    path = tmp_path / "m.pte"
+    path.write_bytes(prog.data)
+    x = np.arange(-128, 128, dtype=np.int8).reshape(1, 16, 16, 1)
+    got = E.ExecuTorchRunner(path)(x)
+    want = table_lookup(op, x, qi, qo)
+    assert np.array_equal(got.reshape(want.shape), want), int((got.reshape(want.shape) != want).sum())
+
+
 def test_executorch_hardswish_table_is_not_tflites() -> None:
     """The fp32 hardswish ExecuTorch runs and TFLite's int16 fixed-point HARD_SWISH differ on some codes (why the
     TFLite writer writes the table instead of HARD_SWISH)."""
-    from calibration.reference import hardswish, tflite_hardswish
+    from calibration.reference import table_lookup, tflite_hardswish
     from calibration.sim import et_hardswish_table
 
     q = np.arange(-128, 128).astype(np.int8)
     et, tfl = et_hardswish_table((0.05, 0), (0.02, -100)), tflite_hardswish(q, (0.05, 0), (0.02, -100))
-    assert np.array_equal(hardswish(q, (0.05, 0), (0.02, -100)), et)  # the integer reference is the table
+    assert np.array_equal(table_lookup(Op("hardswish", ["x"], ["y"]), q, (0.05, 0), (0.02, -100)), et)
     assert 0 < int((et != tfl).sum()) <= 16 and int(np.abs(et.astype(int) - tfl).max()) == 1
 
 

@@ -26,7 +26,7 @@ from export import tflite as T
 from ghnq.cli import UserError, run_cli
 from ghnq.data import load_eval_images
 from ghnq.spec import build_model, load_spec
-from tests.nets import FireNet, FlatNet
+from tests.nets import FireNet, FlatNet, SwishNet
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
@@ -116,7 +116,7 @@ def _random_init(model: torch.nn.Module) -> None:
 
 def net_qm(name: str) -> tuple[QuantizedModel, np.ndarray]:
     """A user-style nn.Module of tests/nets.py, seeded random weights, calibrated like the specs."""
-    model = {"flatnet": FlatNet, "firenet": FireNet}[name]()
+    model = {"flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet}[name]()
     _random_init(model)
     images, _, _ = load_eval_images(48, quiet=True)
     qm = calibrate(model, images[:32], bn_recalibrate=True, progress=False, meta={"name": name})
@@ -124,11 +124,11 @@ def net_qm(name: str) -> tuple[QuantizedModel, np.ndarray]:
 
 
 def models() -> list:
-    return [pytest.param(s, id=s) for s in ("hand", "flatnet", "firenet", *SPECS)]
+    return [pytest.param(s, id=s) for s in ("hand", "flatnet", "firenet", "swishnet", *SPECS)]
 
 
 def get(name: str) -> tuple[QuantizedModel, np.ndarray]:
-    if name in ("flatnet", "firenet"):
+    if name in ("flatnet", "firenet", "swishnet"):
         return net_qm(name)
     return hand_qm() if name == "hand" else spec_qm(name)
 
@@ -235,17 +235,23 @@ def test_xnnpack_within_one_step_per_op(name: str) -> None:
     assert max(worst.values()) <= 1, {k: v for k, v in worst.items() if v > 1}
 
 
+TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.1})]
+
+
+@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k for k, _ in TABLES])
 @pytest.mark.parametrize("qi, qo", [((0.0655, -12), (0.00725, -94)), ((0.05, 0), (0.02, -100)),
                                      ((0.11, 30), (0.06, -128))])
-def test_hardswish_table_on_every_code(qi: tuple[float, int], qo: tuple[float, int]) -> None:
-    """int8 hardswish alone on all 256 input codes: LiteRT's reference kernels, its optimized kernels and the
+def test_table_op_on_every_code(kind: str, attrs: dict, qi: tuple[float, int], qo: tuple[float, int]) -> None:
+    """A table op alone on all 256 input codes: LiteRT's reference kernels, its optimized kernels and the
     default XNNPACK path compute the integer reference's table exactly, with integer-only ops (no float tensor)."""
     t = {n: Tensor(n, [1, 16, 16, 1], "int8", np.array([s], np.float32), np.array([zp]))
          for n, (s, zp) in (("x", qi), ("y", qo))}
-    qm = QuantizedModel([Op("hardswish", ["x"], ["y"])], t, "x", "y")
+    op = Op(kind, ["x"], ["y"], dict(attrs))
+    qm = QuantizedModel([op], t, "x", "y")
     x = np.arange(-128, 128, dtype=np.int8).reshape(1, 16, 16, 1)
-    want = reference.hardswish(x, qi, qo)
-    assert np.array_equal(want.ravel(), reference.hardswish_table(qi, qo))
+    want = reference.table_lookup(op, x, qi, qo)
+    assert np.array_equal(want.ravel(), reference.table_for(kind, qi, qo, attrs.get("alpha", 0.0)))
+    assert len(np.unique(want)) > 10  # a real function of the input, not a constant
     data = T.build_tflite(qm)
     assert T.op_histogram(data) == {"CAST": 1, "ADD": 1, "GATHER": 1}
     for kernels in T.KERNELS:
@@ -255,10 +261,25 @@ def test_hardswish_table_on_every_code(qi: tuple[float, int], qo: tuple[float, i
     assert {np.dtype(d["dtype"]).name for d in details} == {"int8", "int32"}
 
 
+@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k for k, _ in TABLES])
+def test_table_op_fp32_twin_is_the_float_function(kind: str, attrs: dict) -> None:
+    """The fp32 twin writes TFLite's float builtins (SiLU as x · LOGISTIC(x)); they compute torch's function."""
+    from calibration.sim import table_function
+
+    t = {n: Tensor(n, [1, 16, 16, 1], "int8", np.array([0.05], np.float32), np.array([0])) for n in ("x", "y")}
+    qm = QuantizedModel([Op(kind, ["x"], ["y"], dict(attrs))], t, "x", "y")
+    data = T.build_tflite(qm, fp32=True)
+    x = np.linspace(-6, 6, 256, dtype=np.float32).reshape(1, 16, 16, 1)
+    got = T.LiteRTRunner(data, "ref").run_named({"x": x})
+    want = table_function(kind, attrs)(torch.from_numpy(x)).numpy()
+    assert np.allclose(got.reshape(want.shape), want, atol=1e-5)
+
+
 def test_hardswish_table_is_not_tflites_hard_swish() -> None:
     """Why the writer does not use HARD_SWISH: TFLite's int16 fixed-point kernel differs from the table."""
     q = np.arange(-128, 128).astype(np.int8)
-    diff = reference.hardswish(q, (0.05, 0), (0.02, -100)) != reference.tflite_hardswish(q, (0.05, 0), (0.02, -100))
+    table = reference.table_lookup(Op("hardswish", ["x"], ["y"]), q, (0.05, 0), (0.02, -100))
+    diff = table != reference.tflite_hardswish(q, (0.05, 0), (0.02, -100))
     assert int(diff.sum()) > 0
 
 
