@@ -13,7 +13,7 @@ Metrics (report.json keys): `top1_agreement` (artifact vs sim, 0..1), `max_step_
 the same against the integer reference (`reference_*`) when calibration provides it, and per exact runner the
 number of differing codes. "The sim" is `simulate(..., rounding=runner.arithmetic)`: a runner declares the int8
 arithmetic it implements ("xnnpack" for LiteRT's default delegate, "executorch" for ExecuTorch's XNNPACK backend
-= XNNPACK's int8 kernels plus its fp32-inside-the-delegate hardswish / avg pool, "tflite" for TFLite's kernels),
+= XNNPACK's int8 kernels plus its fp32-inside-the-delegate table ops / avg pool, "tflite" for TFLite's kernels),
 so the tolerance measures the file, not a known rounding difference; `vs_tflite_sim` (and, for "executorch",
 `vs_xnnpack_sim`: what LiteRT's delegate computes) reports the artifact against the other sims for information.
 The verification inputs, that sim's expected codes (what a device running the artifact's runtime must
