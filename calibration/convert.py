@@ -43,7 +43,7 @@ from calibration.sim import run_ops
 from ghnq.cli import UserError
 from ghnq.data import MEAN, STD
 
-SUPPORTED = ("Conv2d (groups 1 or depthwise), Linear, BatchNorm2d right after a Conv2d, ReLU, "
+SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d right after a Conv2d, ReLU, "
              "ReLU6 (or Hardtanh(0, 6)), Hardswish, Sigmoid, SiLU, Tanh, LeakyReLU, Hardsigmoid right after a "
              "Conv2d/Linear, tensor + tensor, "
              "tensor * tensor, AdaptiveAvgPool2d(1), mean over H,W, MaxPool2d, AvgPool2d, ZeroPad2d, "
@@ -198,7 +198,7 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
                 return "conv2d", attrs
             if mod.groups == mod.in_channels and mod.out_channels % mod.in_channels == 0:
                 return "depthwise_conv2d", {**attrs, "depth_multiplier": mod.out_channels // mod.in_channels}
-            raise fail(node, f"grouped Conv2d (groups={mod.groups})")
+            return "conv2d", attrs  # grouped: the weight [O, C_in / groups, kh, kw] says so (TFLite's rule)
         if isinstance(mod, nn.Linear):
             return "fully_connected", {"fused": "none"}
         if isinstance(mod, nn.ReLU):

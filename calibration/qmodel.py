@@ -28,7 +28,9 @@ Tensors (`qm.tensors`, name → `Tensor`)
   * Constants of elementwise ops: none are produced today (hardsigmoid is folded, see below).
 
 Ops (`Op.kind`, inputs, attrs); `attrs["fused"]` in {"none", "relu", "relu6", "relu_0_to_1"}
-  conv2d            [x, w, b]  stride [sh, sw], padding [top, bottom, left, right], dilation [dh, dw], fused
+  conv2d            [x, w, b]  stride [sh, sw], padding [top, bottom, left, right], dilation [dh, dw], fused;
+                               grouped when w has fewer input channels than x (TFLite's rule): groups =
+                               C_in / w.shape[1], output channel o reads the input channels of group o // (O / groups)
   depthwise_conv2d  [x, w, b]  as conv2d, plus depth_multiplier (output channel c reads input c // m)
   fully_connected   [x, w, b]  x is [1, I]; fused
   add               [a, b]     same shapes; fused
@@ -202,6 +204,11 @@ class QuantizedModel:
                 if b.scale.shape != want.shape or not np.allclose(b.scale, want, rtol=1e-6, atol=0):
                     raise UserError(f"{where}: bias {op.inputs[2]!r} has scale {b.scale[:3]}, but the int8 runtimes "
                                     f"need input scale × weight scale = {want[:3]}")
+            if op.kind == "conv2d" and len(op.inputs) > 1:
+                c_in, (c_out, c_per) = self.tensors[op.inputs[0]].shape[-1], self.tensors[op.inputs[1]].data.shape[:2]
+                if c_in % c_per or c_out % (c_in // c_per):
+                    raise UserError(f"{where}: weight {op.inputs[1]!r} has {c_per} input channels for a {c_in}-channel "
+                                    f"input and {c_out} outputs; groups (= {c_in} / {c_per}) must divide both")
             if op.kind == "leaky_relu":
                 alpha = op.attrs.get("alpha")
                 if not isinstance(alpha, int | float) or not np.isfinite(alpha):

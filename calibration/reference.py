@@ -141,11 +141,17 @@ def _windows(x: np.ndarray, op: Op, kh: int, kw: int, pad_value: int):
 
 def conv2d(op: Op, x: np.ndarray, w: np.ndarray, bias: np.ndarray, zp_in: int, s_in: float, s_w: np.ndarray,
            s_out: float, zp_out: int) -> np.ndarray:
-    """reference_integer_ops::ConvPerChannel: out-of-range taps contribute 0 (= input padded with zp_in)."""
+    """reference_integer_ops::ConvPerChannel: out-of-range taps contribute 0 (= input padded with zp_in).
+    Grouped when the filter has fewer input channels than x (TFLite's rule): groups = C_in / w.shape[1], and
+    output channel o reads input channels [g·I, (g+1)·I) of its group g = o // (O / groups)."""
     xo = x.astype(np.int64) - zp_in
+    i_per, groups = w.shape[1], x.shape[3] // w.shape[1]
+    o_per = w.shape[0] // groups
     acc = None
     for i, j, xs in _windows(xo, op, w.shape[2], w.shape[3], 0):
-        part = _exact_dot(xs, w[:, :, i, j].T.astype(np.int64))
+        part = np.concatenate([_exact_dot(xs[..., g * i_per:(g + 1) * i_per],
+                                          w[g * o_per:(g + 1) * o_per, :, i, j].T.astype(np.int64))
+                               for g in range(groups)], axis=-1)
         acc = part if acc is None else acc + part
     acc = acc + bias.astype(np.int64)
     mult, shift = _conv_multipliers(s_in, s_w, s_out)

@@ -97,7 +97,7 @@ def run_op(op: Op, args: list[torch.Tensor]) -> torch.Tensor:
     k = op.kind
     if k in ("conv2d", "depthwise_conv2d"):
         x, w, b = args
-        groups = x.shape[1] if k == "depthwise_conv2d" else 1
+        groups = x.shape[1] // w.shape[1]  # 1, grouped, or depthwise (TFLite's rule: C_in / the filter's inputs)
         y = F.conv2d(_pad(x, a["padding"]), w, b, stride=a["stride"], dilation=a["dilation"], groups=groups)
         return _fused(y, op)
     if k == "fully_connected":
@@ -215,7 +215,7 @@ class Simulator:
                 else:
                     y = round_half_away(acc * p["eff"])  # LiteRT's per-channel FC reference rounds this in double
             else:
-                groups = x.shape[1] if k == "depthwise_conv2d" else 1
+                groups = x.shape[1] // w.shape[1]
                 acc = exact_integer_conv2d(_pad(xo, a["padding"]), w, b, stride=a["stride"], dilation=a["dilation"],
                                            groups=groups)
                 y = self._requantize(acc, p, per_channel=True)

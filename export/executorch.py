@@ -116,10 +116,6 @@ def check_supported(qm: QuantizedModel) -> None:
                 raise UserError(f"{_where(i, op)}: weight {op.inputs[1]!r} has codes outside [-127, 127]")
             if b.dtype != "int32" or np.any(b.zero_point != 0):
                 raise UserError(f"{_where(i, op)}: bias {op.inputs[2]!r} must be int32 with zero point 0")
-            cin = qm.tensors[op.inputs[0]].shape[-1]
-            if op.kind == "conv2d" and w.data.shape[1] != cin:
-                raise UserError(f"{_where(i, op)}: grouped convolution (groups ≠ 1 and ≠ channels) is not "
-                                "supported; supported: regular and depthwise convolutions")
         if op.kind == "mean" and list(op.attrs.get("axes", [1, 2])) != [1, 2]:
             raise UserError(f"{_where(i, op)}: mean over axes {op.attrs['axes']}; XNNPACK averages H, W only")
         if op.kind in ("max_pool2d", "avg_pool2d"):
@@ -170,7 +166,7 @@ class OpModule(nn.Module):
                 x, pad = F.pad(x, (left, r, t, b)), (0, 0)
             else:
                 pad = (t, left)
-            groups = x.shape[1] if k == "depthwise_conv2d" else 1
+            groups = x.shape[1] // self.weight.shape[1]  # 1, grouped, or depthwise
             y = F.conv2d(x, self.weight, self.bias, a["stride"], pad, a.get("dilation", [1, 1]), groups)
         elif k == "fully_connected":
             y = F.linear(x, self.weight, self.bias)

@@ -245,9 +245,6 @@ def _conv_input(c: _Ctx, op: Op, kernel: list[int]) -> tuple[str, int]:
 def _conv2d(c: _Ctx, op: Op) -> None:
     x, w_name, b_name = op.inputs
     w, b = c.qm.tensors[w_name], c.qm.tensors[b_name]
-    if w.data.shape[1] != c.qm.tensors[x].shape[3]:
-        raise UserError(f"{_where(op)}: grouped convolution (groups ≠ 1 and ≠ channels) is not supported by the "
-                        "TFLite writer; supported: regular and depthwise convolutions")
     x, padding = _conv_input(c, op, list(w.data.shape[2:]))
     wq = c.const(w_name, w.data.transpose(0, 2, 3, 1), w, axis=0)  # torch OIHW → TFLite OHWI
     bq = c.const(b_name, b.data, b, axis=0)

@@ -66,6 +66,8 @@ TORCHVISION_BUILDERS: dict[str, dict[str, str]] = {
     "mnasnet0_5": {"dropout": "prob"},
     "mnasnet1_0": {"dropout": "prob"},
     "efficientnet_b0": {"dropout": "prob", "stochastic_depth_prob": "prob"},
+    "regnet_x_400mf": {},
+    "regnet_y_400mf": {},
 }
 
 

@@ -61,3 +61,20 @@ class SwishNet(nn.Module):
         x = self.project(x * gate)
         x = F.leaky_relu(self.down(x), 0.2) + torch.tanh(self.down(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.act(x), 1), 1))
+
+
+class GroupNet(nn.Module):
+    """ResNeXt / RegNet-style grouped convolutions (3, 8 and 2 groups; one strided, one 1×1) around a residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(24, 48, 3, stride=2, padding=1, groups=3), nn.BatchNorm2d(48), nn.ReLU())
+        self.mix = nn.Sequential(nn.Conv2d(48, 48, 3, padding=1, groups=8), nn.BatchNorm2d(48), nn.ReLU(),
+                                 nn.Conv2d(48, 48, 1, groups=2), nn.BatchNorm2d(48))
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.down(self.stem(x))
+        x = F.relu(x + self.mix(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

@@ -537,6 +537,31 @@ def test_torchvision_efficientnet_b0_is_supported(calib_images, test_images):
     assert np.array_equal(simulate(qm, images), reference.run(qm, images))
 
 
+def test_grouped_convolutions(calib_images, test_images):
+    """Grouped Conv2d (ResNeXt, RegNet) is a conv2d whose weight has C_in / groups input channels; the float graph
+    is the torch model and the sim equals the integer reference (see _user_net_qm). torchvision's RegNetX-400MF
+    (grouped 3×3s in every block) lowers too; a weight whose groups do not divide the channels is refused."""
+    import torchvision
+
+    from tests.nets import GroupNet
+
+    torch.manual_seed(0)
+    qm = _user_net_qm(GroupNet(), calib_images, test_images)
+    groups = [qm.tensors[op.inputs[0]].shape[-1] // qm.tensors[op.inputs[1]].data.shape[1]
+              for op in qm.ops if op.kind == "conv2d"]
+    assert groups == [1, 3, 8, 2]
+    torch.manual_seed(0)
+    regnet = calibrate(torchvision.models.regnet_x_400mf(num_classes=10), calib_images[:8], progress=False)
+    assert sum(1 for op in regnet.ops if op.kind == "conv2d" and regnet.tensors[op.inputs[1]].data.shape[1] == 16) > 10
+    images = test_images[0][:4]
+    assert np.array_equal(simulate(regnet, images), reference.run(regnet, images))
+    bad = copy.deepcopy(qm)
+    w = bad.tensors[bad.ops[2].inputs[1]]
+    w.data = w.data[:, :5].copy()
+    with pytest.raises(UserError, match=r"groups \(= 48 / 5\) must divide both"):
+        bad.validate()
+
+
 class _BadCat(nn.Module):
     def __init__(self, how: str) -> None:
         super().__init__()

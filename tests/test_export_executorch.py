@@ -33,7 +33,7 @@ from export import executorch as E
 from ghnq.cli import UserError, run_cli
 from ghnq.data import load_eval_images
 from ghnq.spec import build_model, load_spec
-from tests.nets import FireNet, FlatNet, SwishNet
+from tests.nets import FireNet, FlatNet, GroupNet, SwishNet
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
@@ -42,7 +42,7 @@ N_IMAGES = 32
 
 # ----------------------------------------------------------------------------------------------------
 # Models under test: small nets with the ops no spec has (max / avg pool, zero pad, hardswish; a flatten of a
-# spatial map, concat, SiLU / sigmoid / tanh / leaky relu: tests/nets.py), and the
+# spatial map, concat, SiLU / sigmoid / tanh / leaky relu, grouped convs: tests/nets.py), and the
 # specs, each calibrated on real CIFAR-10 images through calibration.calibrate
 
 
@@ -74,7 +74,7 @@ def _random_init(model: nn.Module) -> nn.Module:
 @cache
 def get(name: str) -> tuple[QuantizedModel, np.ndarray]:
     """(QM, real test images): seeded random weights, BN re-estimated, calibrated on 64 real train images."""
-    nets = {"poolnet": PoolNet, "flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet}
+    nets = {"poolnet": PoolNet, "flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet}
     model = nets[name]() if name in nets else build_model(load_spec(ROOT / "specs" / f"{name}.yaml"))
     calib, _, _ = load_eval_images(64, split="train", quiet=True)
     images, _, _ = load_eval_images(N_IMAGES, split="test", quiet=True)
@@ -87,7 +87,7 @@ def program(name: str) -> E.Program:
     return E.lower(get(name)[0])
 
 
-FAST = ["poolnet", "flatnet", "firenet", "swishnet", "tiny-mbv2"]
+FAST = ["poolnet", "flatnet", "firenet", "swishnet", "groupnet", "tiny-mbv2"]
 ALL = FAST + [pytest.param(s, marks=pytest.mark.slow) for s in SPECS if s not in FAST]
 
 
@@ -330,12 +330,12 @@ def test_refuses_4bit_activations(tmp_path: Path) -> None:
     _refused(qm, tmp_path, "8-bit per-tensor activations")
 
 
-def test_refuses_grouped_conv(tmp_path: Path) -> None:
+def test_refuses_conv_groups_that_do_not_divide(tmp_path: Path) -> None:
     qm = copy.deepcopy(get("poolnet")[0])
     op = next(op for op in qm.ops if op.kind == "conv2d" and qm.tensors[op.inputs[1]].data.shape[1] == 8)
     t = qm.tensors[op.inputs[1]]
-    t.data, t.shape = t.data[:, :4].copy(), [16, 4, 3, 3]
-    _refused(qm, tmp_path, "grouped convolution")
+    t.data, t.shape = t.data[:, :3].copy(), [16, 3, 3, 3]  # 3 input channels per group of an 8-channel input
+    _refused(qm, tmp_path, r"groups \(= 8 / 3\) must divide both")
 
 
 def test_killed_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

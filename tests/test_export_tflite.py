@@ -26,7 +26,7 @@ from export import tflite as T
 from ghnq.cli import UserError, run_cli
 from ghnq.data import load_eval_images
 from ghnq.spec import build_model, load_spec
-from tests.nets import FireNet, FlatNet, SwishNet
+from tests.nets import FireNet, FlatNet, GroupNet, SwishNet
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
@@ -116,7 +116,7 @@ def _random_init(model: torch.nn.Module) -> None:
 
 def net_qm(name: str) -> tuple[QuantizedModel, np.ndarray]:
     """A user-style nn.Module of tests/nets.py, seeded random weights, calibrated like the specs."""
-    model = {"flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet}[name]()
+    model = {"flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet}[name]()
     _random_init(model)
     images, _, _ = load_eval_images(48, quiet=True)
     qm = calibrate(model, images[:32], bn_recalibrate=True, progress=False, meta={"name": name})
@@ -124,11 +124,11 @@ def net_qm(name: str) -> tuple[QuantizedModel, np.ndarray]:
 
 
 def models() -> list:
-    return [pytest.param(s, id=s) for s in ("hand", "flatnet", "firenet", "swishnet", *SPECS)]
+    return [pytest.param(s, id=s) for s in ("hand", "flatnet", "firenet", "swishnet", "groupnet", *SPECS)]
 
 
 def get(name: str) -> tuple[QuantizedModel, np.ndarray]:
-    if name in ("flatnet", "firenet", "swishnet"):
+    if name in ("flatnet", "firenet", "swishnet", "groupnet"):
         return net_qm(name)
     return hand_qm() if name == "hand" else spec_qm(name)
 
@@ -325,11 +325,11 @@ def test_refuses_4bit_activations(tmp_path: Path) -> None:
     _refused(qm, tmp_path, "8-bit per-tensor activations")
 
 
-def test_refuses_grouped_conv(tmp_path: Path) -> None:
+def test_refuses_conv_groups_that_do_not_divide(tmp_path: Path) -> None:
     qm, _ = hand_qm()
     t = qm.tensors["se2.w"]
-    t.data, t.shape = t.data[:, :2], [8, 2, 1, 1]  # 2 input channels per group, 4-channel input
-    _refused(qm, tmp_path, "grouped convolution")
+    t.data, t.shape = t.data[:, :3], [8, 3, 1, 1]  # 3 input channels per group of a 4-channel input
+    _refused(qm, tmp_path, r"groups \(= 4 / 3\) must divide both")
 
 
 def test_refuses_unmappable_avg_pool_padding(tmp_path: Path) -> None:
