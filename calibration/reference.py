@@ -291,8 +291,8 @@ def table_for(kind: str, qi: tuple[float, int], qo: tuple[float, int], alpha: fl
     (read-only). `alpha` is leaky_relu's negative slope.
 
     Why a table, and this one: ExecuTorch's XNNPACK partitioner lowers these ops only in fp32 (inside the
-    delegate: dequantize → float32 op → quantize), while TFLite's int8 kernels use fixed-point approximations
-    (HARD_SWISH: `tflite_hardswish`, up to 1 code away; LOGISTIC / TANH even fix the output scale). A table is
+    delegate: dequantize → float32 op → quantize), while TFLite's own int8 kernels compute something else
+    (HARD_SWISH: `tflite_hardswish`, up to 1 code away; LOGISTIC / TANH require fixed output scales). A table is
     the one integer function every runtime can evaluate identically, so export.tflite writes this table
     (CAST → ADD 128 → GATHER) and the sim uses it in every rounding mode. It is ExecuTorch's fp32 computation,
     calibration.sim.et_table (measured code for code). Built once per (kind, qi, qo, alpha).

@@ -359,10 +359,10 @@ def _table(c: _Ctx, op: Op) -> None:
     looked up with integer-only builtins:
     CAST(int8 → int32) → ADD(+128, int32) → GATHER(params = the int8 table carrying the output's quantization).
 
-    Not HARD_SWISH / LOGISTIC / TANH / LEAKY_RELU: TFLite's int8 kernels are fixed-point approximations that
-    differ by up to a code per op from what ExecuTorch's XNNPACK delegate computes (the fp32 op between
-    dequantize and quantize), and LOGISTIC / TANH also force their own output scale. A table is the one
-    function both can evaluate identically, for any output (scale, zp) calibration chose. The three ops run on
+    Not TFLite's own int8 kernels: HARD_SWISH (int16 fixed point) differs by up to a code per op from what
+    ExecuTorch's XNNPACK delegate computes (the fp32 op between dequantize and quantize), LOGISTIC and TANH
+    require fixed output scales, and SiLU has no builtin. A table is the one function both runtimes can
+    evaluate identically, for any output (scale, zp) calibration chose. The three ops run on
     LiteRT's builtin kernels (the XNNPACK delegate takes none of them). fp32 twin: the float builtins."""
     x, y = op.inputs[0], op.outputs[0]
     if c.fp32:
