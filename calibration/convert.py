@@ -44,7 +44,7 @@ from ghnq.cli import UserError
 from ghnq.data import MEAN, STD
 
 SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d right after a Conv2d, ReLU, "
-             "ReLU6 (or Hardtanh(0, 6)), Hardswish, Sigmoid, SiLU, Tanh, LeakyReLU, Hardsigmoid right after a "
+             "ReLU6 (or Hardtanh(0, 6)), Hardswish, Sigmoid, SiLU, Tanh, LeakyReLU, GELU, Hardsigmoid right after a "
              "Conv2d/Linear, tensor + tensor, "
              "tensor * tensor, AdaptiveAvgPool2d(1), mean over H,W, MaxPool2d, AvgPool2d, ZeroPad2d, "
              "Flatten/flatten/reshape/view to [N, features] (read by Linear), torch.cat along channels, Identity, "
@@ -209,6 +209,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
             return _TABLE_MODULES[type(mod)], {}
         if isinstance(mod, nn.LeakyReLU):
             return "leaky_relu", {"alpha": float(mod.negative_slope)}
+        if isinstance(mod, nn.GELU):
+            return _gelu(node, mod.approximate, fail)
         if isinstance(mod, nn.Hardsigmoid):
             return "hardsigmoid", {}
         if isinstance(mod, nn.Identity | nn.Dropout):
@@ -248,6 +250,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
             return "relu6", {}
         if target in _TABLE_FUNCTIONS:
             return _TABLE_FUNCTIONS[target], {}
+        if target is F.gelu:
+            return _gelu(node, args[1] if len(args) > 1 else kwargs.get("approximate", "none"), fail)
         if target is F.leaky_relu:
             return "leaky_relu", {"alpha": float(args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01))}
         if target is F.hardsigmoid:
@@ -286,6 +290,12 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
 _TABLE_MODULES = {nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.Tanh: "tanh"}
 _TABLE_FUNCTIONS = {F.hardswish: "hardswish", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.silu: "silu",
                     torch.tanh: "tanh", F.tanh: "tanh"}
+
+
+def _gelu(node: fx.Node, approximate: str, fail) -> tuple[str, dict]:
+    if approximate != "none":  # XNNPACK's delegate has the exact (erf) GELU only
+        raise fail(node, f"GELU(approximate={approximate!r}) (only the exact form, approximate='none')")
+    return "gelu", {}
 
 
 def _concat(node: fx.Node, fail) -> tuple[str, dict]:

@@ -40,7 +40,7 @@ Ops (`Op.kind`, inputs, attrs); `attrs["fused"]` in {"none", "relu", "relu6", "r
                                TFLite SAME semantics); output shares the input's (scale, zp)
   avg_pool2d        [x]        kernel, stride, padding; divides by the number of in-range positions (TFLite);
                                output shares the input's (scale, zp)
-  hardswish, sigmoid, silu, tanh, leaky_relu (TABLE_OPS)
+  hardswish, sigmoid, silu, tanh, leaky_relu, gelu (TABLE_OPS; gelu is the exact, erf form)
                     [x]        elementwise, own output (scale, zp); leaky_relu has `alpha` (the negative slope).
                                Each is one int8 → int8 function: a 256-entry table of output codes
                                (calibration.reference.table_for), which the TFLite writer writes as a GATHER
@@ -109,7 +109,7 @@ FORMAT = "ghnq-qm"
 VERSION = 1
 WEIGHTED_OPS = ("conv2d", "depthwise_conv2d", "fully_connected")  # inputs: (x, int8 weight[, int32 bias])
 # Elementwise int8 → int8 functions every runtime evaluates as the same 256-entry table (see reference.table_for).
-TABLE_OPS = ("hardswish", "sigmoid", "silu", "tanh", "leaky_relu")
+TABLE_OPS = ("hardswish", "sigmoid", "silu", "tanh", "leaky_relu", "gelu")
 OP_KINDS = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, "pad", "reshape", "concat")
 FUSED = ("none", "relu", "relu6", "relu_0_to_1")
 WEIGHT_BITS = (8, 6, 4, 2)

@@ -17,7 +17,7 @@ LiteRT specifics, named where they are used (see /work/shared/EXPORT-NOTES.md):
   * MEAN folds 1/N into the multiplier: shift' = min(floor(log2 N), 32, 31 + shift),
     mult' = (mult << shift') // N, applied to (sum - zp_in * N) with shift - shift';
   * ADD rescales both inputs to a common scale with left_shift 20 (TFLite's int8 add);
-  * hardswish, sigmoid, silu, tanh, leaky_relu: a 256-entry int8 table (`table_for`), which export.tflite writes
+  * hardswish, sigmoid, silu, tanh, leaky_relu, gelu: a 256-entry int8 table (`table_for`), which export.tflite writes
     as CAST → ADD → GATHER (not TFLite's HARD_SWISH, whose int16 fixed-point kernel is kept here as
     `tflite_hardswish` for comparison, nor LOGISTIC / TANH, which fix the output scale).
 XNNPACK (the default delegate) rounds some of these differently; it may differ from this by one code.

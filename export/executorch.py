@@ -30,8 +30,8 @@ Route (each step one function below, read top to bottom):
 
 What XNNPACK runs in int8 here: conv (regular and depthwise), linear, add, mul, mean over H, W, max pool,
 relu / relu6 / 0..1 clamps, reshape. XNNPACK's ExecuTorch partitioner configs allow hardswish, sigmoid, tanh,
-leaky relu (and SiLU, decomposed into sigmoid · x), average pool and constant pad in FP32 only (ExecuTorch
-1.5.1: HardswishConfig, SigmoidConfig, TanhConfig, LeakyReLUConfig, AvgPoolingConfig, ConstantPadConfig; the
+leaky relu, GELU (and SiLU, decomposed into sigmoid · x), average pool and constant pad in FP32 only (ExecuTorch
+1.5.1: HardswishConfig, SigmoidConfig, TanhConfig, LeakyReLUConfig, GeluConfig, AvgPoolingConfig, ConstantPadConfig; the
 bundled XNNPACK has no int8 average pooling at all, "Average Pooling (NHWC, F16/F32)" only): they run inside
 the same delegate in fp32 between XNNPACK convert ops (dequantize → op → quantize with the QM's parameters).
 The report counts them under `writer.delegation.fp32_inside_delegate` ({op: count}; a conv's explicit
@@ -83,7 +83,7 @@ FP32_ONLY = (*TABLE_OPS, "avg_pool2d", "pad")
 MUST_DELEGATE = ("aten_convolution_default", "aten_linear_default", "aten_add_tensor", "aten_mul_tensor",
                  "aten_mean_dim", "aten_max_pool2d_default", "aten_avg_pool2d_default",
                  "aten_max_pool2d_with_indices_default", "aten_hardswish_default", "aten_sigmoid_default",
-                 "aten_tanh_default", "aten_leaky_relu_default")
+                 "aten_tanh_default", "aten_leaky_relu_default", "aten_gelu_default")
 ACT_MIN, ACT_MAX, W_MIN, W_MAX = -128, 127, -127, 127  # XNNPACK's int8 ranges (activations, weights)
 
 

@@ -8,7 +8,7 @@ their files are not the ones our calibration chose, and the sim would no longer 
 schema's generated object API (`ai_edge_litert.schema_py_generated`: ModelT, SubGraphT, TensorT, ...) lets us
 write exactly the QuantizedModel's numbers, op by op, with no converter in between: every QM op becomes one
 TFLite builtin (plus a PAD where torch's symmetric padding is not TFLite's SAME; int8 hardswish / sigmoid /
-silu / tanh / leaky_relu are a table lookup, CAST → ADD → GATHER, see `_table`), activations are fused, the
+silu / tanh / leaky_relu / gelu are a table lookup, CAST → ADD → GATHER, see `_table`), activations are fused, the
 layout is NHWC from the start (no transposes), and the input/output tensors are int8.
 
 The fp32 twin: the same writer with float32 tensors and the QM's dequantized constants (w = q·s, b = q_b·s_b),
@@ -355,7 +355,7 @@ def _pool(c: _Ctx, op: Op, code: str) -> None:
 
 
 def _table(c: _Ctx, op: Op) -> None:
-    """int8 table op (hardswish, sigmoid, silu, tanh, leaky_relu): the integer reference's 256-entry table,
+    """int8 table op (hardswish, sigmoid, silu, tanh, leaky_relu, gelu): the integer reference's 256-entry table,
     looked up with integer-only builtins:
     CAST(int8 → int32) → ADD(+128, int32) → GATHER(params = the int8 table carrying the output's quantization).
 
@@ -392,6 +392,8 @@ def _fp32_table_op(c: _Ctx, op: Op) -> None:
         c.g.op("MUL", [x, gate], [y], tfl.MulOptionsT(), FP32_VERSION)
     elif op.kind == "leaky_relu":
         c.g.op("LEAKY_RELU", [x], [y], tfl.LeakyReluOptionsT(alpha=float(op.attrs["alpha"])), FP32_VERSION)
+    elif op.kind == "gelu":
+        c.g.op("GELU", [x], [y], tfl.GeluOptionsT(approximate=False), FP32_VERSION)
     else:
         code = {"hardswish": "HARD_SWISH", "sigmoid": "LOGISTIC", "tanh": "TANH"}[op.kind]
         c.g.op(code, [x], [y], None, FP32_VERSION)

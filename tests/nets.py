@@ -43,7 +43,7 @@ class FireNet(nn.Module):
 
 class SwishNet(nn.Module):
     """EfficientNet-style: SiLU after conv + BN, a squeeze-excite gate through a sigmoid (x · sigmoid(fc(gap(x)))),
-    then LeakyReLU and tanh; module, function and method spellings of each."""
+    then LeakyReLU, GELU and tanh; module, function and method spellings of each."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -59,7 +59,7 @@ class SwishNet(nn.Module):
         x = F.silu(self.dw(self.stem(x)))
         gate = self.se_expand(F.silu(self.se_reduce(x.mean((2, 3), keepdim=True)))).sigmoid()
         x = self.project(x * gate)
-        x = F.leaky_relu(self.down(x), 0.2) + torch.tanh(self.down(x))
+        x = F.leaky_relu(self.down(x), 0.2) + torch.tanh(self.down(F.gelu(x)))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.act(x), 1), 1))
 
 

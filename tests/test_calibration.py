@@ -262,7 +262,8 @@ def test_exact_integer_accumulators(cin, groups, wmax):
     assert torch.equal(fc.long(), xf @ wf.T + b[:1])
 
 
-TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.2})]
+TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.2}),
+          ("gelu", {})]
 
 
 @pytest.mark.parametrize("kind, attrs", TABLES, ids=[k for k, _ in TABLES])
@@ -343,8 +344,11 @@ def test_percentile_clips_range(calib_images):
 
 
 def test_unsupported_op_named(calib_images):
-    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-    with pytest.raises(UserError, match=r"'1'.*GELU.*supported: Conv2d"):
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(UserError, match=r"'1'.*ELU.*supported: Conv2d"):
+        calibrate(m, calib_images[:4], progress=False)
+    m[1] = nn.GELU(approximate="tanh")  # XNNPACK's delegate has the exact GELU only
+    with pytest.raises(UserError, match=r"'1'.*GELU\(approximate='tanh'\)"):
         calibrate(m, calib_images[:4], progress=False)
 
 
@@ -506,15 +510,15 @@ def test_concat_joins_one_shared_quantization(calib_images, test_images):
 
 
 def test_table_ops_from_module_function_and_method_spellings(calib_images, test_images):
-    """SiLU / sigmoid / tanh / LeakyReLU as modules, functions and methods become table ops (the float graph is the
-    torch model, the sim equals the integer reference, see _user_net_qm); each slope is kept."""
+    """SiLU / sigmoid / tanh / LeakyReLU / GELU as modules, functions and methods become table ops (the float graph
+    is the torch model, the sim equals the integer reference, see _user_net_qm); each slope is kept."""
     from tests.nets import SwishNet
 
     torch.manual_seed(0)
     qm = _user_net_qm(SwishNet(), calib_images, test_images)
     kinds = [op.kind for op in qm.ops]
-    assert {k: kinds.count(k) for k in ("silu", "sigmoid", "tanh", "leaky_relu")} == {
-        "silu": 3, "sigmoid": 1, "tanh": 2, "leaky_relu": 2}
+    assert {k: kinds.count(k) for k in ("silu", "sigmoid", "tanh", "leaky_relu", "gelu")} == {
+        "silu": 3, "sigmoid": 1, "tanh": 2, "leaky_relu": 2, "gelu": 1}
     assert sorted(op.attrs["alpha"] for op in qm.ops if op.kind == "leaky_relu") == [0.1, 0.2]
     gate = next(op for op in qm.ops if op.kind == "sigmoid")
     assert qm.tensors[gate.outputs[0]].rmin >= 0  # an observed range, not a fixed one: sigmoid is ≥ 0

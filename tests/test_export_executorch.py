@@ -256,7 +256,8 @@ def test_fp32_ops_inside_the_delegate_alone(s_in: float, zp_in: int, s_out: floa
     assert (got != other).sum() >= 4  # measured: 10 and 56 codes differ (avg pool ties, 1 and 11 table entries)
 
 
-TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.1})]
+TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.1}),
+          ("gelu", {})]
 
 
 @pytest.mark.parametrize("kind, attrs", TABLES, ids=[k for k, _ in TABLES])

@@ -235,7 +235,8 @@ def test_xnnpack_within_one_step_per_op(name: str) -> None:
     assert max(worst.values()) <= 1, {k: v for k, v in worst.items() if v > 1}
 
 
-TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.1})]
+TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.1}),
+          ("gelu", {})]
 
 
 @pytest.mark.parametrize("kind, attrs", TABLES, ids=[k for k, _ in TABLES])
