@@ -259,7 +259,7 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
         if target is F.dropout:
             return "alias", {}
         if target is stochastic_depth:  # torchvision's residual drop (EfficientNet): identity unless training
-            training = node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)
+            training = args[3] if len(args) > 3 else kwargs.get("training", True)
             if training is False:
                 return "alias", {}
         if target is F.adaptive_avg_pool2d and _is_global_pool(args[1] if len(args) > 1 else kwargs.get("output_size")):
@@ -501,9 +501,10 @@ def concat_qparams(g: FloatGraph, act_qparams: dict[str, tuple[float, int, float
         seen |= group
         groups.append(sorted(group))
     qmin, qmax = observers.act_range(act_bits)
+    shared = {op.outputs[0] for op in g.ops if op.kind in SHARES_INPUT_QPARAMS}
     out: dict[str, tuple[float, int, float, float]] = {}
     for group in groups:
-        fixed = [n for n in group if n == g.input or n not in act_qparams and not _shares_input(g, n)]
+        fixed = [n for n in group if n == g.input or n not in act_qparams and n not in shared]
         if fixed:
             raise UserError(f"tensor {fixed[0]!r} has fixed quantization (the image input or a hardsigmoid gate) "
                             "and is joined by a concat, whose inputs must share one (scale, zero point); "
@@ -515,10 +516,6 @@ def concat_qparams(g: FloatGraph, act_qparams: dict[str, tuple[float, int, float
         for n in group:
             out[n] = (scale, zp, (qmin - zp) * scale, (qmax - zp) * scale)
     return out
-
-
-def _shares_input(g: FloatGraph, name: str) -> bool:
-    return any(op.outputs[0] == name and op.kind in SHARES_INPUT_QPARAMS for op in g.ops)
 
 
 def quantize(g: FloatGraph, act_qparams: dict[str, tuple[float, int, float, float]], weight_bits: int,

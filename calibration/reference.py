@@ -304,10 +304,14 @@ def table_for(kind: str, qi: tuple[float, int], qo: tuple[float, int], alpha: fl
     return table
 
 
+def op_table(op: Op, qi: tuple[float, int], qo: tuple[float, int]) -> np.ndarray:
+    """`table_for` of one QM op (its kind and, for leaky_relu, its slope); qi / qo are (scale, zp) or longer."""
+    return table_for(op.kind, (float(qi[0]), int(qi[1])), (float(qo[0]), int(qo[1])), op.attrs.get("alpha", 0.0))
+
+
 def table_lookup(op: Op, x: np.ndarray, qi: tuple[float, int], qo: tuple[float, int]) -> np.ndarray:
-    """int8 table op: integer codes in → `table_for` → integer codes out."""
-    table = table_for(op.kind, (float(qi[0]), int(qi[1])), (float(qo[0]), int(qo[1])), op.attrs.get("alpha", 0.0))
-    return table[x.astype(np.int64) + 128]
+    """int8 table op: integer codes in → `op_table` → integer codes out."""
+    return op_table(op, qi, qo)[x.astype(np.int64) + 128]
 
 
 def tflite_hardswish(x: np.ndarray, qi: tuple[float, int], qo: tuple[float, int]) -> np.ndarray:

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from calibration.qmodel import TABLE_OPS, WEIGHTED_OPS, Op, QuantizedModel, input_codes
-from calibration.reference import activation_range, mean_multiplier, mul_scale, quantize_multiplier, table_for
+from calibration.reference import activation_range, mean_multiplier, mul_scale, op_table, quantize_multiplier
 
 Hook = Callable[[str, torch.Tensor], torch.Tensor]
 ROUNDINGS = ("tflite", "float", "xnnpack", "executorch")
@@ -177,7 +177,7 @@ class Simulator:
             # the integer reference's table (ExecuTorch's fp32 op per code), whatever the rounding mode:
             # every runtime evaluates this same table, so the sim is bit-exact here in all of them
             qi, qo = self.q[op.inputs[0]], self.q[op.outputs[0]]
-            lut = table_for(op.kind, qi[:2], qo[:2], op.attrs.get("alpha", 0.0))
+            lut = op_table(op, qi, qo)
             p["lut"] = torch.as_tensor(lut.astype(np.float64), device=dev).to(self.dtype)
         elif op.kind == "mean":
             shape = self.qm.tensors[op.inputs[0]].shape

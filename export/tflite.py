@@ -31,7 +31,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as tfl
 
 from calibration.qmodel import TABLE_OPS, Op, QuantizedModel, Tensor
-from calibration.reference import table_for
+from calibration.reference import op_table
 from export.pipeline import Built, add_common_args, check_requantization, run_export, runtime_refusal
 from export.verify import Runners
 from ghnq.cli import UserError, drop_native_log_lines, run_cli
@@ -369,7 +369,7 @@ def _table(c: _Ctx, op: Op) -> None:
         _fp32_table_op(c, op)
         return
     t_in, t_out = c.qm.tensors[x], c.qm.tensors[y]
-    table = table_for(op.kind, t_in.qparams, t_out.qparams, op.attrs.get("alpha", 0.0))
+    table = op_table(op, t_in.qparams, t_out.qparams)
     shape = list(t_in.shape)
     codes, index = f"{y}/codes", f"{y}/index"
     c.g.tensor(codes, shape, "int32")
