@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ghnq.spec import ACTS, BLOCKS, build_model, summarize, validate_spec
+from ghnq.spec import BLOCKS, build_model, summarize, validate_spec
 
 SAMPLED_NAME_PREFIX = "s-"  # every sampled spec is named s-<first 10 hex digits of its spec_hash>
 
@@ -32,6 +32,9 @@ class SamplerConfig:
     any_stem_kernel: bool = False             # stem kernel from every size the grammar has (1/3/5/7), not just 3/5
     head_hidden: tuple[int, ...] = (0, 0, 0, 128)  # hidden width of the classifier head (0: a single linear layer)
     geometric_widths: bool = False            # widths grow geometrically (×(hi/lo) over the net), not linearly
+    acts: tuple[str, ...] = ("relu", "relu6", "hardswish")  # activations drawn (a repeat weighs a choice)
+    gates: tuple[str, ...] = ()               # squeeze-excite gates drawn (empty: the default, no draw)
+    group_widths: tuple[int, ...] = ()        # bottleneck group widths drawn, 0 = ungrouped (empty: no draw)
 
 
 # Named training spaces (`meta_train --space`). "cifar": the CIFAR-style space every held-out spec comes from.
@@ -40,12 +43,17 @@ class SamplerConfig:
 # torchvision's. "deep": the grammar space made deeper — up to 7 stages of up to 4 blocks, so up to ~60 layers
 # like torchvision's mobile nets (the other spaces stop near 35) — with widths growing geometrically towards
 # 1280 (as in mobile nets; under the MAC cap only depthwise-heavy or low-resolution stages stay that wide),
-# 1024/1280-wide heads, and a stride-2 stem on every second net.
+# 1024/1280-wide heads, and a stride-2 stem on every second net. "modern": the grammar space with the ops of
+# EfficientNet / RegNet / ConvNeXt-style nets — SiLU and GELU activations, sigmoid squeeze-excite gates, grouped
+# (ResNeXt) bottlenecks — which the exporters handle (table ops, grouped convs) and GHN-Q's graph encodes.
 SPACES: dict[str, dict] = {
     "cifar": {},
     "grammar": {"stem_stride2": 0.25, "any_stem_kernel": True, "width": (16, 512)},
     "deep": {"stem_stride2": 0.5, "any_stem_kernel": True, "width": (16, 1280), "stages": (2, 7),
              "repeat": (1, 4), "head_hidden": (0, 0, 0, 128, 1024, 1280), "geometric_widths": True},
+    "modern": {"stem_stride2": 0.25, "any_stem_kernel": True, "width": (16, 512),
+               "acts": ("relu", "hardswish", "silu", "silu", "gelu"), "gates": ("sigmoid",),
+               "group_widths": (0, 8, 16, 32)},
 }
 
 
@@ -60,7 +68,7 @@ def _draw(rng: random.Random, cfg: SamplerConfig) -> dict:
         "input": list(cfg.input),
         "num_classes": cfg.num_classes,
         "stem": {"out": width, "kernel": rng.choice([1, 3, 3, 5, 7, 7] if cfg.any_stem_kernel else [3, 3, 5]),
-                 "stride": 1, "act": rng.choice(ACTS[:3])},
+                 "stride": 1, "act": rng.choice(cfg.acts)},
         "stages": [],
         "head": {"hidden": rng.choice(cfg.head_hidden), "dropout": 0.0},
     }
@@ -78,12 +86,17 @@ def _draw(rng: random.Random, cfg: SamplerConfig) -> dict:
         stage: dict = {"block": block, "out": width, "kernel": rng.choice([1, 3, 3, 3, 5, 7]) if block == "conv"
                        else rng.choice([3, 3, 5, 7]),
                        "stride": 2 if (i > 0 and rng.random() < 0.6) or (i == 0 and rng.random() < 0.2) else 1,
-                       "act": rng.choice(ACTS[:3]), "repeat": rng.randint(*cfg.repeat)}
+                       "act": rng.choice(cfg.acts), "repeat": rng.randint(*cfg.repeat)}
+        # Options off draw nothing, so the spaces without them (and every held-out set) draw as they always did.
         if block == "mbconv":
             stage["expand"] = rng.choice([1, 3, 4, 6])
             stage["se"] = rng.random() < 0.3
+            if cfg.gates and stage["se"]:
+                stage["gate"] = rng.choice(cfg.gates)
         elif block == "bottleneck":
             stage["expand"] = rng.choice([0.25, 0.5])
+            if cfg.group_widths:
+                stage["group_width"] = _fit_group_width(stage["out"], stage["expand"], rng.choice(cfg.group_widths))
         spec["stages"].append(stage)
     if cfg.stem_stride2 and rng.random() < cfg.stem_stride2:  # drawn last: with the option off, no draw moves
         spec["stem"]["stride"] = 2
@@ -103,11 +116,21 @@ def spec_macs(spec: dict) -> int:
     return spec_summary(spec)["macs"]
 
 
+def _fit_group_width(out: int, expand: float, group_width: int) -> int:
+    """Halve a bottleneck's group width until its middle width holds ≥ 2 groups (one whole group is a plain
+    conv); 0 when not even two groups of 8 fit."""
+    while group_width >= 8 and 2 * group_width > out * expand:
+        group_width //= 2
+    return group_width if group_width >= 8 else 0
+
+
 def _shrink(spec: dict, factor: float) -> dict:
     """Scale every width by `factor` (MACs grow ~quadratically with width)."""
     spec["stem"]["out"] = _round8(spec["stem"]["out"] * factor)
     for st in spec["stages"]:
         st["out"] = _round8(st["out"] * factor)
+        if st.get("group_width"):
+            st["group_width"] = _fit_group_width(st["out"], st["expand"], st["group_width"])
     return spec
 
 

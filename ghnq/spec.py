@@ -12,6 +12,8 @@ Grammar (see DESIGN.md):
     stem: {out: 16, kernel: 3, stride: 1, act: relu}
     stages:
       - {block: mbconv, out: 24, kernel: 3, stride: 2, expand: 6, se: false, act: relu6, repeat: 2}
+      - {block: mbconv, out: 40, kernel: 5, stride: 2, expand: 4, se: true, gate: sigmoid, act: silu}
+      - {block: bottleneck, out: 64, kernel: 3, stride: 2, expand: 0.5, group_width: 8, act: gelu}
     head: {hidden: 0, dropout: 0.0}
 or
     model: torchvision.models.mobilenet_v3_small
@@ -37,7 +39,8 @@ from torchvision.ops import Conv2dNormActivation, SqueezeExcitation
 from ghnq.cli import UserError, run_cli
 
 BLOCKS = ("conv", "sep", "mbconv", "basic", "bottleneck")
-ACTS = ("relu", "relu6", "hardswish", "none")
+ACTS = ("relu", "relu6", "hardswish", "silu", "gelu", "none")  # gelu: the exact (erf) form
+GATES = ("hardsigmoid", "sigmoid")  # squeeze-excite gate: MobileNetV3's or EfficientNet's
 KERNELS = (1, 3, 5, 7)
 STRIDES = (1, 2)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -46,10 +49,15 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 BLOCK_KEYS: dict[str, dict[str, Any]] = {
     "conv": {"out": None, "kernel": 3, "stride": 1, "act": "relu", "repeat": 1},
     "sep": {"out": None, "kernel": 3, "stride": 1, "act": "relu", "repeat": 1},
-    "mbconv": {"out": None, "kernel": 3, "stride": 1, "expand": 6, "se": False, "act": "relu6", "repeat": 1},
+    "mbconv": {"out": None, "kernel": 3, "stride": 1, "expand": 6, "se": False, "gate": "hardsigmoid", "act": "relu6",
+               "repeat": 1},
     "basic": {"out": None, "kernel": 3, "stride": 1, "act": "relu", "repeat": 1},
-    "bottleneck": {"out": None, "kernel": 3, "stride": 1, "expand": 0.25, "act": "relu", "repeat": 1},
+    "bottleneck": {"out": None, "kernel": 3, "stride": 1, "expand": 0.25, "group_width": 0, "act": "relu",
+                   "repeat": 1},
 }
+# Keys added after the first checkpoints were trained: a normalized spec leaves them out at their default, so
+# every earlier spec keeps its spec_hash (held-out sets, sampled names and result files are keyed by it).
+OMITTED_AT_DEFAULT = {"gate": "hardsigmoid", "group_width": 0}
 STEM_KEYS = {"out": None, "kernel": 3, "stride": 1, "act": "relu"}
 HEAD_KEYS = {"hidden": 0, "dropout": 0.0}
 TOP_KEYS = ("name", "input", "num_classes", "stem", "stages", "head", "model", "args")
@@ -252,11 +260,17 @@ def _validate_stage(source: str, path: str, stage: Any) -> dict:
             out[key] = _int(source, where, value, 1, 16)
         elif key == "se":
             out[key] = _bool(source, where, value)
+        elif key == "gate":
+            out[key] = _choice(source, where, value, GATES)
+        elif key == "group_width":
+            out[key] = _int(source, where, value, 0, 2048)
         elif key == "expand" and block == "mbconv":
             out[key] = _int(source, where, value, 1, 8)
         elif key == "expand":
             out[key] = _float(source, where, value, 0.0625, 4.0)
-    return out
+    if "gate" in stage and not out["se"]:
+        raise SpecError(source, f"{path}.gate", "only allowed with `se: true` (it is the squeeze-excite gate)")
+    return {k: v for k, v in out.items() if k not in OMITTED_AT_DEFAULT or v != OMITTED_AT_DEFAULT[k]}
 
 
 def _validate_torchvision(source: str, model: Any, args: Any) -> dict:
@@ -292,13 +306,15 @@ def _validate_torchvision(source: str, model: Any, args: Any) -> dict:
 
 
 def _act_layer(name: str) -> type[nn.Module] | None:
-    return {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "none": None}[name]
+    return {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "silu": nn.SiLU, "gelu": nn.GELU,
+            "none": None}[name]
 
 
 def conv_bn_act(cin: int, cout: int, kernel: int, stride: int, act: str, groups: int = 1) -> nn.Module:
     # torchvision's Conv2dNormActivation: conv (no bias, padding (k-1)//2) → BN → activation.
+    # inplace=None: no `inplace` argument (nn.GELU takes none); every activation here defaults to out of place.
     return Conv2dNormActivation(cin, cout, kernel_size=kernel, stride=stride, groups=groups,
-                                activation_layer=_act_layer(act), inplace=False)
+                                activation_layer=_act_layer(act), inplace=None)
 
 
 class SepConv(nn.Module):
@@ -316,12 +332,14 @@ class SepConv(nn.Module):
 class MBConv(nn.Module):
     """Inverted residual: 1×1 expand, depthwise k×k, optional squeeze-excite, 1×1 project (+ skip)."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int, se: bool, act: str):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int, se: bool, act: str,
+                 gate: str = "hardsigmoid"):
         super().__init__()
         hidden = cin * expand
         self.expand = conv_bn_act(cin, hidden, 1, 1, act) if expand != 1 else nn.Identity()
         self.depthwise = conv_bn_act(hidden, hidden, kernel, stride, act, groups=hidden)
-        self.se = (SqueezeExcitation(hidden, max(8, hidden // 4), scale_activation=nn.Hardsigmoid)
+        gate_layer = {"hardsigmoid": nn.Hardsigmoid, "sigmoid": nn.Sigmoid}[gate]
+        self.se = (SqueezeExcitation(hidden, max(8, hidden // 4), scale_activation=gate_layer)
                    if se else nn.Identity())
         self.project = conv_bn_act(hidden, cout, 1, 1, "none")
         self.residual = stride == 1 and cin == cout
@@ -357,13 +375,19 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """ResNet bottleneck: 1×1 reduce to out·expand, k×k (strided), 1×1 to out, add shortcut, act."""
+    """ResNet bottleneck: 1×1 reduce to out·expand, k×k (strided), 1×1 to out, add shortcut, act.
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: float, act: str):
+    group_width > 0 makes it ResNeXt's / RegNet's: the k×k conv is grouped, `group_width` channels per group, the
+    middle width rounded to a multiple of it (as torchvision's RegNet does), so any width is valid."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: float, act: str,
+                 group_width: int = 0):
         super().__init__()
         mid = max(4, int(round(cout * expand)))
+        if group_width:
+            mid = max(group_width, int(round(mid / group_width)) * group_width)
         self.reduce = conv_bn_act(cin, mid, 1, 1, act)
-        self.conv = conv_bn_act(mid, mid, kernel, stride, act)
+        self.conv = conv_bn_act(mid, mid, kernel, stride, act, groups=mid // group_width if group_width else 1)
         self.expand = conv_bn_act(mid, cout, 1, 1, "none")
         self.shortcut = Shortcut(cin, cout, stride)
         self.act = _act_layer(act)() if act != "none" else nn.Identity()
@@ -379,11 +403,11 @@ def make_block(st: dict, cin: int, stride: int) -> nn.Module:
     if kind == "sep":
         return SepConv(cin, cout, k, stride, act)
     if kind == "mbconv":
-        return MBConv(cin, cout, k, stride, st["expand"], st["se"], act)
+        return MBConv(cin, cout, k, stride, st["expand"], st["se"], act, st.get("gate", "hardsigmoid"))
     if kind == "basic":
         return BasicBlock(cin, cout, k, stride, act)
     if kind == "bottleneck":
-        return Bottleneck(cin, cout, k, stride, st["expand"], act)
+        return Bottleneck(cin, cout, k, stride, st["expand"], act, st.get("group_width", 0))
     raise ValueError(kind)  # unreachable: validate_spec checked it
 
 

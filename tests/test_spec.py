@@ -13,6 +13,7 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from ghnq.data import load_eval_images, to_float
 from ghnq.sampler import SPACES, SamplerConfig, sample_spec, spec_hash, spec_macs, spec_summary
@@ -77,11 +78,38 @@ stages:
   - {block: mbconv, out: 16, kernel: 5, expand: 3, se: true, act: hardswish, repeat: 2}
   - {block: basic, out: 24, kernel: 5, stride: 2}
   - {block: bottleneck, out: 32, expand: 0.5, stride: 1, repeat: 2}
+  - {block: mbconv, out: 24, kernel: 3, expand: 4, se: true, gate: sigmoid, act: silu}
+  - {block: bottleneck, out: 40, expand: 0.5, group_width: 8, act: gelu}
 head: {hidden: 32, dropout: 0.2}
 """
     model = build_model(parse_spec(text)).eval()
     with torch.no_grad():
         assert model(batch[:2]).shape == (2, 7)
+    kinds = {type(m) for m in model.modules()}
+    assert {nn.SiLU, nn.GELU, nn.Sigmoid, nn.Hardsigmoid} <= kinds
+    gelu = next(m for m in model.modules() if isinstance(m, nn.GELU))
+    assert gelu.approximate == "none"  # the erf form: the only GELU the exporters take
+
+
+def test_grouped_bottleneck_rounds_its_width_to_whole_groups() -> None:
+    """group_width: the k×k conv has mid / group_width groups; mid is rounded to a multiple (RegNet's rule)."""
+    spec = parse_spec("stages: [{block: bottleneck, out: 52, expand: 0.5, group_width: 8}]")
+    conv = build_model(spec).stages[0].conv[0]
+    assert conv.in_channels == conv.out_channels == 24 and conv.groups == 3  # round(26 / 8) · 8 = 24
+    wide = parse_spec("stages: [{block: bottleneck, out: 8, expand: 0.25, group_width: 16}]")
+    assert build_model(wide).stages[0].conv[0].groups == 1  # mid 2 → one whole group of 16
+
+
+def test_new_keys_at_their_default_leave_old_specs_unchanged() -> None:
+    """gate / group_width came after the first checkpoints: at their default they are left out of the
+    normalized spec, so earlier specs keep their hash. The anchor is the first cifar held-out spec, named
+    s-695f2798a8 in every held-out result file."""
+    plain = parse_spec("stages: [{block: mbconv, out: 8, se: true}, {block: bottleneck, out: 8}]")
+    same = parse_spec("stages: [{block: mbconv, out: 8, se: true, gate: hardsigmoid}, "
+                      "{block: bottleneck, out: 8, group_width: 0}]")
+    assert same == plain and "gate" not in plain["stages"][0] and "group_width" not in plain["stages"][1]
+    first = sample_spec(random.Random(1_000_000), SamplerConfig(max_macs=25e6, **SPACES["cifar"]))
+    assert first["name"] == "s-695f2798a8"
 
 
 def test_defaults_are_filled() -> None:
@@ -102,7 +130,11 @@ def test_defaults_are_filled() -> None:
     ("stages: [{block: conv, out: 8, se: true}]", "stages[0].se"),
     ("stages: [{block: conv, out: true}]", "stages[0].out"),
     ("stages: [{block: transformer, out: 8}]", "stages[0].block"),
-    ("stages: [{block: conv, out: 8, act: gelu}]", "stages[0].act"),
+    ("stages: [{block: conv, out: 8, act: elu}]", "stages[0].act"),
+    ("stages: [{block: mbconv, out: 8, gate: sigmoid}]", "stages[0].gate"),
+    ("stages: [{block: mbconv, out: 8, se: true, gate: relu}]", "stages[0].gate"),
+    ("stages: [{block: bottleneck, out: 8, group_width: -4}]", "stages[0].group_width"),
+    ("stages: [{block: basic, out: 8, group_width: 4}]", "stages[0].group_width"),
     ("stages: [{block: conv}]", "stages[0].out"),
     ("input: [3, 32]\nstages: [{block: conv, out: 8}]", "input"),
     ("stages: [{block: conv, out: 8}]\nhead: {dropout: 1.0}", "head.dropout"),
@@ -310,6 +342,33 @@ def test_deep_space_reaches_torchvision_depth_and_width(batch: torch.Tensor) -> 
     deepest = max(deep, key=layers)
     with torch.no_grad():
         assert build_model(deepest).eval()(batch[:2]).shape == (2, 10)
+
+
+def test_modern_space_draws_silu_gelu_sigmoid_gates_and_grouped_bottlenecks(batch: torch.Tensor) -> None:
+    """--space modern: the ops of EfficientNet / RegNet-style nets, which no other space draws."""
+    cap = 25e6
+    modern = [sample_spec(random.Random(i), SamplerConfig(max_macs=cap, **SPACES["modern"])) for i in range(40)]
+    others = [sample_spec(random.Random(i), SamplerConfig(max_macs=cap, **SPACES[space]))
+              for space in ("cifar", "grammar", "deep") for i in range(15)]
+
+    def acts(spec: dict) -> set[str]:
+        return {spec["stem"]["act"]} | {st_["act"] for st_ in spec["stages"]}
+
+    for s in modern:
+        validate_spec(s)
+        assert spec_macs(s) <= cap
+    assert {"silu", "gelu"} <= set().union(*map(acts, modern))
+    assert any(st_.get("gate") == "sigmoid" for s in modern for st_ in s["stages"])
+    grouped = [s for s in modern if any(st_.get("group_width") for st_ in s["stages"])]
+    assert grouped
+    assert set().union(*map(acts, others)) <= {"relu", "relu6", "hardswish"}
+    assert not any("gate" in st_ or "group_width" in st_ for s in others for st_ in s["stages"])
+    models = [build_model(s).eval() for s in grouped]
+    truly = [m for m in models if any(isinstance(c, nn.Conv2d) and 1 < c.groups < c.in_channels for c in m.modules())]
+    assert len(truly) == len(models)  # a group width is halved (or dropped) until ≥ 2 groups fit
+    model = truly[0]
+    with torch.no_grad():
+        assert model(batch[:2]).shape == (2, 10)
 
 
 def test_sampled_spec_runs(batch: torch.Tensor) -> None:
