@@ -47,7 +47,8 @@ def test_heldout_excluded() -> None:
     wide = heldout_specs(5, "grammar")
     assert [s["name"] for s in wide[:3]] == ["s-fea96758d9", "s-1ff486d850", "s-0f23216c53"]  # session 9's set
     deep = heldout_specs(5, "deep")
-    for other in (wide, deep):
+    modern = heldout_specs(5, "modern")
+    for other in (wide, deep, modern):
         assert {spec_hash(s) for s in other}.isdisjoint(spec_hash(s) for s in held)
         assert heldout_hashes() >= {spec_hash(s) for s in other}
     # A sampler stream that would hit a held-out spec must skip it.
@@ -76,6 +77,28 @@ def test_meta_training_lowers_loss() -> None:
         opt.step()
         losses.append(loss.item())
     assert min(losses[-3:]) < losses[0] - 0.15, losses
+
+
+def test_modern_space_trains_the_kinds_no_other_space_draws() -> None:
+    """--space modern gives SiLU, GELU, sigmoid gates and grouped convs their first training signal: a loss on
+    its nets reaches those op kinds' embedding rows, which a loss on cifar-space nets leaves at exactly zero
+    gradient (so until a run trains on it, GHN-Q encodes those ops with untrained rows)."""
+    from ghnq.graph import KIND_INDEX
+
+    images, labels = load_sample()
+    x01, y = to_x01(images[:16]), torch.as_tensor(labels[:16])
+    new_kinds = ("silu", "gelu", "sigmoid", "gconv")
+
+    def kind_grads(space: str, n: int) -> dict[str, float]:
+        torch.manual_seed(0)
+        ghn = GHNQ(GHNConfig(hidden=32, dec_hidden=16, dec_out=32, dec_in=32, hops=10))
+        specs = draw_specs(random.Random(3), n, parse_space(space, 3e6)[0])
+        loss, _ = step_loss(ghn, [meta_net(s) for s in specs], ["4"] * n, x01, y, True, 10)
+        loss.backward()
+        return {k: ghn.kind_emb.weight.grad[KIND_INDEX[k]].abs().sum().item() for k in new_kinds}
+
+    assert all(g > 0 for g in kind_grads("modern", 6).values())
+    assert all(g == 0 for g in kind_grads("cifar", 6).values())
 
 
 def test_log_gains_read_back_the_decoders_gain() -> None:
