@@ -4,7 +4,9 @@ Steps (each one a function below, read top to bottom):
   1. `float_graph`: torch.fx trace (SpecNet and the allow-listed torchvision nets trace as they are), fold
      every conv → BN pair, then lower the fx graph to the QuantizedModel's op list in float: each fx node
      becomes one op, an alias (Identity, Dropout) or an activation that is fused into its producer
-     (relu / relu6 into conv / fc / add; hardsigmoid folded into the conv / fc before it, see qmodel.py).
+     (relu / relu6 into conv / fc / add; hardsigmoid folded into the conv / fc before it, see qmodel.py);
+     a chain of data-movement nodes (view, transpose, chunk, ...) is replayed on element indices and becomes
+     one `gather` when it ends in a channel selection (ShuffleNet's shuffle and split).
      Anything else is a UserError naming the node and the supported set.
   2. `fold_input_normalization`: the graph input becomes (pixel - 128) / 255; (x − MEAN) / STD moves into the
      first conv's float weights and bias.
@@ -47,10 +49,11 @@ SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d right 
              "ReLU6 (or Hardtanh(0, 6)), Hardswish, Sigmoid, SiLU, Tanh, LeakyReLU, GELU, Hardsigmoid right after a "
              "Conv2d/Linear, tensor + tensor, "
              "tensor * tensor, AdaptiveAvgPool2d(1), mean over H,W, MaxPool2d, AvgPool2d, ZeroPad2d, "
-             "Flatten/flatten/reshape/view to [N, features] (read by Linear), torch.cat along channels, Identity, "
-             "Dropout, StochasticDepth")
+             "Flatten/flatten/reshape/view to [N, features] (read by Linear), torch.cat along channels, "
+             "view/transpose/permute/chunk/split/indexing chains that select channels of a 4-D map (channel "
+             "shuffles, chunks, slices), Identity, Dropout, StochasticDepth")
 FUSABLE = (*WEIGHTED_OPS, "add")
-SHARES_INPUT_QPARAMS = ("max_pool2d", "avg_pool2d", "pad", "reshape")
+SHARES_INPUT_QPARAMS = ("max_pool2d", "avg_pool2d", "pad", "reshape", "gather")
 
 
 @dataclass
@@ -111,11 +114,65 @@ def _is_global_pool(output_size: object) -> bool:
     return output_size in (1, (1, 1), [1, 1])
 
 
+class _ValueProp(ShapeProp):
+    """ShapeProp that also keeps every node's non-tensor value (x.size(), the arithmetic on it, chunk's tuple):
+    the channel-movement lowering replays view / transpose / chunk with them."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[fx.Node, object] = {}
+
+    def run_node(self, n: fx.Node) -> object:
+        result = super().run_node(n)
+        if not isinstance(result, torch.Tensor):
+            self.values[n] = result
+        return result
+
+
+# Data movement: torch ops that only rearrange elements. A chain of them from a 4-D map that ends in another
+# 4-D map of the same H, W whose every channel is one input channel (ShuffleNet's view → transpose → view
+# channel shuffle, chunk / split / x[:, a:b] channel slices) is one QM `gather` op; anything else is refused.
+_MOVE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "chunk", "split", "tensor_split",
+                 "narrow", "unflatten", "flatten", "squeeze", "unsqueeze", "swapaxes", "movedim"}
+_MOVE_FUNCTIONS = {torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.chunk, torch.split,
+                   torch.tensor_split, torch.narrow, torch.swapaxes, torch.movedim, torch.squeeze, torch.unsqueeze,
+                   operator.getitem}
+
+
+def _is_movement(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _MOVE_METHODS
+    return node.op == "call_function" and node.target in _MOVE_FUNCTIONS
+
+
+def _replay(node: fx.Node, source: fx.Node, index: object, values: dict[fx.Node, object]) -> object:
+    """Run a movement node on the element-index tensor(s) of its source instead of the data: the result says,
+    element by element, where each value came from. Other fx arguments (sizes) take their traced values."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: index if n is source else values[n])
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def _channel_gather(index: object, c_in: int, h: int, w: int) -> list[int] | None:
+    """The input channel of each output channel, when `index` (element indices into a [1, c_in, h, w] map) is
+    a [1, C, h, w] map whose every channel is one whole input channel; else None."""
+    if not isinstance(index, torch.Tensor) or index.dim() != 4 or list(index.shape[::2]) != [1, h] or \
+            index.shape[3] != w:
+        return None
+    channel = index[0, :, 0, 0] // (h * w)
+    expect = channel.view(-1, 1, 1) * (h * w) + torch.arange(h * w).view(1, h, w)
+    if not torch.equal(index[0], expect) or not bool(((channel >= 0) & (channel < c_in)).all()):
+        return None
+    return [int(c) for c in channel]
+
+
 def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
     """Trace `model`, fold BN, and lower it to float ops (see module docstring)."""
     gm = fold_conv_bn(trace(model))
+    prop = _ValueProp(gm)
     try:
-        ShapeProp(gm).propagate(torch.zeros(1, *input_chw))
+        prop.propagate(torch.zeros(1, *input_chw))
     except Exception as err:
         raise UserError(f"model does not run on input [1, {', '.join(map(str, input_chw))}] "
                         f"({type(err).__name__}: {err})") from None
@@ -124,6 +181,8 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
     params: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     name_of: dict[fx.Node, str] = {}  # fx node → tensor name (aliases map to their input's name)
+    # fx node mid-way through a data-movement chain → (the 4-D tensor it started from, element-index tensor(s))
+    moving: dict[fx.Node, tuple[str, object]] = {}
     input_name = output_name = None
 
     def fail(node: fx.Node, what: str) -> UserError:
@@ -143,18 +202,50 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
             continue
         if node.op == "output":
             arg = node.args[0]
-            if not isinstance(arg, fx.Node):
-                raise fail(node, "a model output that is not one tensor")
+            if not isinstance(arg, fx.Node) or arg not in name_of:
+                raise fail(node, "a model output that is not one tensor (or not a channel selection of a 4-D map)")
             output_name = name_of[arg]
             continue
         if node.op == "get_attr":
             raise fail(node, "a parameter used directly in forward()")
+        first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        flatten = node.target in ("view", "reshape", "flatten", torch.reshape, torch.flatten) and \
+            shape is not None and len(shape) == 2  # keeps its own lowering: the `reshape` op read by Linear
+        if _is_movement(node) and first is not None and (
+                first in moving or (first in name_of and len(shapes[name_of[first]]) == 4 and not flatten)):
+            if first in moving:
+                source, index = moving[first]
+            else:
+                source = name_of[first]
+                _, h, w, c = shapes[source]
+                index = torch.arange(c * h * w).view(1, c, h, w)
+            try:
+                index = _replay(node, first, index, prop.values)
+            except Exception as err:
+                raise fail(node, f"{node.target} ({type(err).__name__}: {err})") from None
+            _, h, w, c = shapes[source]
+            channels = _channel_gather(index, c, h, w)
+            if channels is None:
+                moving[node] = (source, index)
+            elif channels == list(range(c)):
+                name_of[node] = source
+            else:
+                ops.append(Op("gather", [source], [node.name], {"axis": 3, "indices": channels}, source=node.name))
+                name_of[node] = node.name
+                shapes[node.name] = [1, h, w, len(channels)]
+            continue
+        if shape is None and node in prop.values:
+            continue  # shape arithmetic (x.size(), //): consumed by a view or reshape, replayed from its value
         if shape is None:
             if node.op == "call_method" and node.target == "size" or node.target is getattr:
                 continue  # shape arithmetic feeding a view/reshape: the output shape comes from ShapeProp
             raise fail(node, f"{node.op} {node.target} (no tensor output)")
         nodes_read: list[fx.Node] = []  # every fx node in args and kwargs, lists included (cat), in order
         fx.node.map_arg((node.args, node.kwargs), nodes_read.append)
+        for a in nodes_read:
+            if a in moving:
+                raise fail(node, f"reading {a.name!r}, a view / transpose / chunk of {moving[a][0]!r} whose result "
+                           "is not a channel selection of a 4-D map of the same height and width")
         ins = [name_of[a] for a in nodes_read if a in name_of]
         mod = modules.get(node.target) if node.op == "call_module" else None
         target = node.target

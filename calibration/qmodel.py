@@ -48,6 +48,8 @@ Ops (`Op.kind`, inputs, attrs); `attrs["fused"]` in {"none", "relu", "relu6", "r
   pad               [x]        padding [top, bottom, left, right], pads with the zero point (real 0);
                                output shares the input's (scale, zp)
   reshape           [x]        shape (the output shape); output shares the input's (scale, zp)
+  gather            [x]        axis 3 (channels), indices: output channel j is input channel indices[j] (a
+                               channel shuffle, chunk or slice); output shares the input's (scale, zp)
   Padding is explicit: torch's symmetric padding differs from TFLite SAME for stride 2 with even sizes,
   so the writer decides SAME / VALID / a PAD op from these numbers. Conv padding means real 0 (the zero
   point); max_pool2d padding means "not a candidate" (a PAD+VALID rewrite is exact only when the input is
@@ -71,7 +73,7 @@ Input and output
   Output: the final fully_connected's int8 output tensor (logit codes).
 
 Fixed by calibration so that every runtime agrees (TFLite int8 constraints)
-  max/avg pool, pad, reshape share their input's (scale, zp); concat's inputs and output all share one
+  max/avg pool, pad, reshape, gather share their input's (scale, zp); concat's inputs and output all share one
   (scale, zp) (TFLite's int8 CONCATENATION and XNNPACK require it: a copy, no requantization);
   the relu_0_to_1 output is (1/255, -128);
   mean, the table ops, mul, add, conv, fc outputs have their own observed (scale, zp).
@@ -110,7 +112,8 @@ VERSION = 1
 WEIGHTED_OPS = ("conv2d", "depthwise_conv2d", "fully_connected")  # inputs: (x, int8 weight[, int32 bias])
 # Elementwise int8 → int8 functions every runtime evaluates as the same 256-entry table (see reference.table_for).
 TABLE_OPS = ("hardswish", "sigmoid", "silu", "tanh", "leaky_relu", "gelu")
-OP_KINDS = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, "pad", "reshape", "concat")
+OP_KINDS = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, "pad", "reshape", "concat",
+            "gather")
 FUSED = ("none", "relu", "relu6", "relu_0_to_1")
 WEIGHT_BITS = (8, 6, 4, 2)
 INPUT_SCALE = float(np.float32(1.0 / 255.0))
@@ -213,6 +216,18 @@ class QuantizedModel:
                 alpha = op.attrs.get("alpha")
                 if not isinstance(alpha, int | float) or not np.isfinite(alpha):
                     raise UserError(f"{where}: attrs.alpha={alpha!r}; leaky_relu needs a finite negative slope")
+            if op.kind == "gather":
+                c_in, idx = self.tensors[op.inputs[0]].shape[-1], op.attrs.get("indices")
+                if op.attrs.get("axis") != 3 or not isinstance(idx, list) or not idx or not all(
+                        isinstance(j, int) and 0 <= j < c_in for j in idx):
+                    raise UserError(f"{where}: gather needs axis 3 and indices, a list of channels in [0, {c_in})")
+                if list(self.tensors[op.outputs[0]].shape) != [*self.tensors[op.inputs[0]].shape[:3], len(idx)]:
+                    raise UserError(f"{where}: output shape {self.tensors[op.outputs[0]].shape}; gather of "
+                                    f"{len(idx)} channels needs {[*self.tensors[op.inputs[0]].shape[:3], len(idx)]}")
+                q = {(tuple(self.tensors[n].scale), tuple(self.tensors[n].zero_point)) for n in op.inputs + op.outputs}
+                if len(q) != 1:
+                    raise UserError(f"{where}: gather input and output must share one (scale, zero point); the int8 "
+                                    "runtimes copy codes")
             if op.kind == "concat":
                 q = {(tuple(self.tensors[n].scale), tuple(self.tensors[n].zero_point)) for n in op.inputs + op.outputs}
                 if len(q) != 1:

@@ -357,6 +357,11 @@ def concat(op: Op, xs: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(xs, axis=-1)
 
 
+def gather(op: Op, x: np.ndarray) -> np.ndarray:
+    """GATHER on the channel (last) axis; output shares the input's (scale, zp), so codes are copied."""
+    return np.take(x, op.attrs["indices"], axis=3)
+
+
 def check_supported(qm: QuantizedModel) -> None:
     for name, t in qm.tensors.items():
         if not t.is_const and t.bits != 8:
@@ -391,6 +396,8 @@ def run_op(qm: QuantizedModel, op: Op, env: dict[str, np.ndarray]) -> np.ndarray
         return reshape(op, env[op.inputs[0]])
     if k == "concat":
         return concat(op, [env[n] for n in op.inputs])
+    if k == "gather":
+        return gather(op, env[op.inputs[0]])
     raise UserError(f"op {k!r} ({op.source}) has no integer reference kernel")
 
 

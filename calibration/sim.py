@@ -124,6 +124,8 @@ def run_op(op: Op, args: list[torch.Tensor]) -> torch.Tensor:
         return _to_nchw(_to_nhwc(args[0]).reshape(args[0].shape[0], *a["shape"][1:]))
     if k == "concat":
         return torch.cat(args, dim=1)  # channels: NHWC axis 3 is NCHW dim 1 (2-D: dim 1 either way)
+    if k == "gather":
+        return args[0][:, a["indices"]]  # channels: NCHW dim 1
     raise ValueError(f"op kind {k!r}")
 
 
@@ -254,6 +256,8 @@ class Simulator:
             return _to_nchw(_to_nhwc(args[0]).reshape(args[0].shape[0], *a["shape"][1:]))
         elif k == "concat":
             return torch.cat(args, dim=1)  # one shared (scale, zp): the codes are copied
+        elif k == "gather":
+            return args[0][:, a["indices"]]  # shares its input's (scale, zp): the codes are copied
         else:
             raise ValueError(f"op kind {k!r}")
         lo, hi = p["clamp"]

@@ -75,7 +75,8 @@ from export.verify import Runners
 from ghnq.cli import UserError, drop_native_log_lines, run_cli
 from ghnq.fileio import atomic_write_bytes
 
-SUPPORTED = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, "pad", "reshape", "concat")
+SUPPORTED = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, "pad", "reshape", "concat",
+             "gather")
 # XNNPACK's ExecuTorch partitioner lowers these only in fp32: inside the delegate they run between convert ops.
 # (SiLU has no config of its own: to_edge decomposes it into sigmoid and mul, both delegated, in fp32.)
 FP32_ONLY = (*TABLE_OPS, "avg_pool2d", "pad")
@@ -147,8 +148,25 @@ def _dequantized(qm: QuantizedModel, name: str) -> torch.Tensor:
     return q * s.view(-1, *([1] * (q.dim() - 1)))
 
 
+def gather_form(indices: list[int], c_in: int) -> tuple[str, int, int]:
+    """How a channel gather runs in ExecuTorch, preferring what XNNPACK delegates (measured, ExecuTorch 1.5.1:
+    static slice, reshape and transpose run in the delegate in int8; index_select stays on the portable kernels,
+    between delegate partitions, exact on the dequantized codes):
+    ("slice", a, b) for channels a..b-1; ("shuffle", g, 0) for a g-group channel shuffle (view [g, C/g] →
+    transpose → view, ShuffleNet's); ("index", 0, 0) for anything else."""
+    a = indices[0]
+    if indices == list(range(a, a + len(indices))):
+        return "slice", a, a + len(indices)
+    if len(indices) == c_in:
+        for g in range(2, c_in):
+            if c_in % g == 0 and indices == [j * (c_in // g) + i for i in range(c_in // g) for j in range(g)]:
+                return "shuffle", g, 0
+    return "index", 0, 0
+
+
 class OpModule(nn.Module):
-    """One QM op. Node chain per op: [pad] → compute → [activation] → [reshape] (see QMQuantizer)."""
+    """One QM op. Node chain per op: [pad] → compute → [activation] → [reshape] (see QMQuantizer); a gather is
+    a chain of data-movement nodes."""
 
     def __init__(self, qm: QuantizedModel, op: Op) -> None:
         super().__init__()
@@ -156,6 +174,9 @@ class OpModule(nn.Module):
         if op.kind in WEIGHTED_OPS:
             self.weight = nn.Parameter(_dequantized(qm, op.inputs[1]), requires_grad=False)
             self.bias = nn.Parameter(_dequantized(qm, op.inputs[2]), requires_grad=False)
+        if op.kind == "gather":
+            self.form = gather_form(op.attrs["indices"], qm.tensors[op.inputs[0]].shape[-1])
+            self.register_buffer("indices", torch.tensor(op.attrs["indices"], dtype=torch.int64))
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         a, k = self.attrs, self.kind
@@ -188,6 +209,15 @@ class OpModule(nn.Module):
             y = F.pad(x, (left, r, t, b))
         elif k == "concat":
             y = torch.cat(xs, dim=1)  # channels (NCHW dim 1)
+        elif k == "gather":
+            form, p, q = self.form
+            if form == "slice":
+                y = x[:, p:q]
+            elif form == "shuffle":
+                n, c, h, w = x.shape
+                y = x.view(n, p, c // p, h, w).transpose(1, 2).reshape(n, c, h, w)
+            else:
+                y = x.index_select(1, self.indices)
         elif k == "reshape":
             if x.dim() == 4:  # the QM flattens NHWC (what TFLite's RESHAPE does): H, W, C order
                 x = x.permute(0, 2, 3, 1)
@@ -269,6 +299,8 @@ RESHAPES = ("reshape", "view", "view_copy", "flatten")
 
 def _chain_roles(op: Op, chain: list[fx.Node]) -> list[str]:
     """Role of each node of an op's chain: pad, compute, act or reshape (the q/dq layout depends on it)."""
+    if op.kind == "gather":  # slice, or view → transpose → view, or index_select: each node copies codes
+        return ["move"] * len(chain)
     roles, seen_compute = [], False
     for n in chain:
         name = _target_name(n)

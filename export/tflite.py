@@ -420,11 +420,19 @@ def _concat(c: _Ctx, op: Op) -> None:
            tfl.ConcatenationOptionsT(axis=op.attrs["axis"]), c.version("CONCATENATION"))
 
 
+def _gather(c: _Ctx, op: Op) -> None:
+    # a channel shuffle / chunk / slice: GATHER on the channel axis with constant int32 indices; the output
+    # shares the input's (scale, zp) (the QM guarantees it), so TFLite copies codes
+    indices = c.int32_const(f"{op.outputs[0]}/indices", op.attrs["indices"])
+    c.g.op("GATHER", [c.activation(op.inputs[0]), indices], [c.activation(op.outputs[0])],
+           tfl.GatherOptionsT(axis=op.attrs["axis"], batchDims=0), c.version("GATHER"))
+
+
 EMITTERS = {
     "conv2d": _conv2d, "depthwise_conv2d": _depthwise_conv2d, "fully_connected": _fully_connected, "add": _add,
     "mul": _mul, "mean": _mean, "max_pool2d": lambda c, op: _pool(c, op, "MAX_POOL_2D"),
     "avg_pool2d": lambda c, op: _pool(c, op, "AVERAGE_POOL_2D"), **dict.fromkeys(TABLE_OPS, _table), "pad": _pad,
-    "reshape": _reshape, "concat": _concat,
+    "reshape": _reshape, "concat": _concat, "gather": _gather,
 }
 
 

@@ -38,8 +38,11 @@ _FUSABLE_ACTS_MOD = (nn.ReLU, nn.ReLU6)
 _FUSABLE_ACTS_FN = {F.relu, torch.relu, F.relu6}
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 _PASS_MODULES = (nn.Identity, nn.Dropout, nn.Flatten)
-_PASS_FUNCS = {torch.flatten, torch.reshape, F.dropout, getattr, operator.getitem, torch.squeeze}
-_PASS_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "size", "dim"}
+# Data movement too (channel shuffles, chunks, splits): the integer graph's `gather` copies its input's codes.
+_PASS_FUNCS = {torch.flatten, torch.reshape, F.dropout, getattr, operator.getitem, torch.squeeze, torch.transpose,
+               torch.permute, torch.chunk, torch.split}
+_PASS_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "size", "dim", "transpose",
+                 "permute", "chunk", "split"}
 
 
 class _StraightThrough(torch.autograd.Function):

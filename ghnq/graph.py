@@ -38,9 +38,12 @@ _ACT_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 # Modules / functions / methods that only move data: contracted out of the graph.
 _PASS_MODULES = (nn.Identity, nn.Dropout, nn.Flatten)
-_PASS_FUNCS = {torch.flatten, torch.reshape, F.dropout, getattr, operator.getitem, torch.squeeze}
+# (Channel shuffles, chunks and splits too: ShuffleNet's x.chunk → branch → cat → shuffle reads as the branch and
+# the cat, as GHN-2's graphs of it do.)
+_PASS_FUNCS = {torch.flatten, torch.reshape, F.dropout, getattr, operator.getitem, torch.squeeze, torch.transpose,
+               torch.permute, torch.chunk, torch.split}
 _PASS_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "size", "expand_as",
-                 "permute", "transpose", "mean_keepdim"}
+                 "permute", "transpose", "mean_keepdim", "chunk", "split"}
 
 
 @dataclass
@@ -142,9 +145,16 @@ def extract_graph(model: nn.Module, gm: fx.GraphModule | None = None, input_hw: 
             return sum(channels.get(a, 0) for a in fxn.all_input_nodes)
         return max([channels.get(a, 0) for a in fxn.all_input_nodes] or [0])
 
+    shape_nodes: set[fx.Node] = set()  # x.size() and the int arithmetic on it (view sizes): no data flows there
     for fxn in graph.nodes:
         h = in_hw(fxn)
         channels[fxn] = in_channels(fxn)
+        if (fxn.op == "call_method" and fxn.target in ("size", "dim")) or (
+                fxn.op == "call_function" and fxn.target is getattr and fxn.args[1] == "shape") or (
+                fxn.all_input_nodes and all(a in shape_nodes for a in fxn.all_input_nodes)):
+            shape_nodes.add(fxn)
+            source[fxn] = []
+            continue
         if fxn.op == "placeholder":
             hw[fxn] = input_hw
             channels[fxn] = 3

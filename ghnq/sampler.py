@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ghnq.spec import BLOCKS, build_model, summarize, validate_spec
+from ghnq.spec import build_model, summarize, validate_spec
 
 SAMPLED_NAME_PREFIX = "s-"  # every sampled spec is named s-<first 10 hex digits of its spec_hash>
 
@@ -32,6 +32,7 @@ class SamplerConfig:
     any_stem_kernel: bool = False             # stem kernel from every size the grammar has (1/3/5/7), not just 3/5
     head_hidden: tuple[int, ...] = (0, 0, 0, 128)  # hidden width of the classifier head (0: a single linear layer)
     geometric_widths: bool = False            # widths grow geometrically (×(hi/lo) over the net), not linearly
+    blocks: tuple[str, ...] = ("conv", "sep", "mbconv", "basic", "bottleneck")  # block kinds drawn
     acts: tuple[str, ...] = ("relu", "relu6", "hardswish")  # activations drawn (a repeat weighs a choice)
     gates: tuple[str, ...] = ()               # squeeze-excite gates drawn (empty: the default, no draw)
     group_widths: tuple[int, ...] = ()        # bottleneck group widths drawn, 0 = ungrouped (empty: no draw)
@@ -44,14 +45,16 @@ class SamplerConfig:
 # like torchvision's mobile nets (the other spaces stop near 35) — with widths growing geometrically towards
 # 1280 (as in mobile nets; under the MAC cap only depthwise-heavy or low-resolution stages stay that wide),
 # 1024/1280-wide heads, and a stride-2 stem on every second net. "modern": the grammar space with the ops of
-# EfficientNet / RegNet / ConvNeXt-style nets — SiLU and GELU activations, sigmoid squeeze-excite gates, grouped
-# (ResNeXt) bottlenecks — which the exporters handle (table ops, grouped convs) and GHN-Q's graph encodes.
+# EfficientNet / RegNet / ShuffleNet / ConvNeXt-style nets — SiLU and GELU activations, sigmoid squeeze-excite
+# gates, grouped (ResNeXt) bottlenecks, ShuffleNet V2 units (chunk, concat, channel shuffle) — which the
+# exporters handle (table ops, grouped convs, gathers) and GHN-Q's graph encodes.
 SPACES: dict[str, dict] = {
     "cifar": {},
     "grammar": {"stem_stride2": 0.25, "any_stem_kernel": True, "width": (16, 512)},
     "deep": {"stem_stride2": 0.5, "any_stem_kernel": True, "width": (16, 1280), "stages": (2, 7),
              "repeat": (1, 4), "head_hidden": (0, 0, 0, 128, 1024, 1280), "geometric_widths": True},
     "modern": {"stem_stride2": 0.25, "any_stem_kernel": True, "width": (16, 512),
+               "blocks": ("conv", "sep", "mbconv", "basic", "bottleneck", "shuffle"),
                "acts": ("relu", "hardswish", "silu", "silu", "gelu"), "gates": ("sigmoid",),
                "group_widths": (0, 8, 16, 32)},
 }
@@ -82,7 +85,7 @@ def _draw(rng: random.Random, cfg: SamplerConfig) -> dict:
             width = _round8(min(hi, lo * (hi / lo) ** (frac * rng.uniform(0.6, 1.0))))
         else:
             width = _round8(min(hi, max(lo, rng.uniform(lo + (hi - lo) * frac * 0.3, lo + (hi - lo) * frac))))
-        block = rng.choice(BLOCKS)
+        block = rng.choice(cfg.blocks)
         stage: dict = {"block": block, "out": width, "kernel": rng.choice([1, 3, 3, 3, 5, 7]) if block == "conv"
                        else rng.choice([3, 3, 5, 7]),
                        "stride": 2 if (i > 0 and rng.random() < 0.6) or (i == 0 and rng.random() < 0.2) else 1,

@@ -14,6 +14,7 @@ Grammar (see DESIGN.md):
       - {block: mbconv, out: 24, kernel: 3, stride: 2, expand: 6, se: false, act: relu6, repeat: 2}
       - {block: mbconv, out: 40, kernel: 5, stride: 2, expand: 4, se: true, gate: sigmoid, act: silu}
       - {block: bottleneck, out: 64, kernel: 3, stride: 2, expand: 0.5, group_width: 8, act: gelu}
+      - {block: shuffle, out: 96, kernel: 3, stride: 2, act: relu, repeat: 2}
     head: {hidden: 0, dropout: 0.0}
 or
     model: torchvision.models.mobilenet_v3_small
@@ -38,7 +39,7 @@ from torchvision.ops import Conv2dNormActivation, SqueezeExcitation
 
 from ghnq.cli import UserError, run_cli
 
-BLOCKS = ("conv", "sep", "mbconv", "basic", "bottleneck")
+BLOCKS = ("conv", "sep", "mbconv", "basic", "bottleneck", "shuffle")
 ACTS = ("relu", "relu6", "hardswish", "silu", "gelu", "none")  # gelu: the exact (erf) form
 GATES = ("hardsigmoid", "sigmoid")  # squeeze-excite gate: MobileNetV3's or EfficientNet's
 KERNELS = (1, 3, 5, 7)
@@ -54,6 +55,7 @@ BLOCK_KEYS: dict[str, dict[str, Any]] = {
     "basic": {"out": None, "kernel": 3, "stride": 1, "act": "relu", "repeat": 1},
     "bottleneck": {"out": None, "kernel": 3, "stride": 1, "expand": 0.25, "group_width": 0, "act": "relu",
                    "repeat": 1},
+    "shuffle": {"out": None, "kernel": 3, "stride": 1, "act": "relu", "repeat": 1},
 }
 # Keys added after the first checkpoints were trained: a normalized spec leaves them out at their default, so
 # every earlier spec keeps its spec_hash (held-out sets, sampled names and result files are keyed by it).
@@ -76,6 +78,8 @@ TORCHVISION_BUILDERS: dict[str, dict[str, str]] = {
     "efficientnet_b0": {"dropout": "prob", "stochastic_depth_prob": "prob"},
     "regnet_x_400mf": {},
     "regnet_y_400mf": {},
+    "shufflenet_v2_x0_5": {},
+    "shufflenet_v2_x1_0": {},
 }
 
 
@@ -268,6 +272,9 @@ def _validate_stage(source: str, path: str, stage: Any) -> dict:
             out[key] = _int(source, where, value, 1, 8)
         elif key == "expand":
             out[key] = _float(source, where, value, 0.0625, 4.0)
+    if block == "shuffle" and out["out"] % 2:
+        raise SpecError(source, f"{path}.out", f"got {out['out']}; allowed: an even integer (a shuffle block "
+                        "splits its channels into two halves)")
     if "gate" in stage and not out["se"]:
         raise SpecError(source, f"{path}.gate", "only allowed with `se: true` (it is the squeeze-excite gate)")
     return {k: v for k, v in out.items() if k not in OMITTED_AT_DEFAULT or v != OMITTED_AT_DEFAULT[k]}
@@ -396,6 +403,36 @@ class Bottleneck(nn.Module):
         return self.act(self.expand(self.conv(self.reduce(x))) + self.shortcut(x))
 
 
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    n, c, h, w = x.size()
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleBlock(nn.Module):
+    """ShuffleNet V2 unit: with stride 1 and as many channels in as out, half the channels pass through and the
+    other half go through 1×1 → depthwise k×k → 1×1; otherwise (downsampling, or a width change) both halves are
+    computed from the whole input (depthwise k×k → 1×1, and the three-conv branch). Concatenated, then the two
+    halves' channels are interleaved (the channel shuffle)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, act: str):
+        super().__init__()
+        half = cout // 2
+        self.split = stride == 1 and cin == cout
+        self.branch1 = nn.Identity() if self.split else nn.Sequential(
+            conv_bn_act(cin, cin, kernel, stride, "none", groups=cin), conv_bn_act(cin, half, 1, 1, act))
+        self.branch2 = nn.Sequential(conv_bn_act(half if self.split else cin, half, 1, 1, act),
+                                     conv_bn_act(half, half, kernel, stride, "none", groups=half),
+                                     conv_bn_act(half, half, 1, 1, act))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.split:
+            x1, x2 = x.chunk(2, dim=1)
+            y = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            y = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(y, 2)
+
+
 def make_block(st: dict, cin: int, stride: int) -> nn.Module:
     kind, cout, k, act = st["block"], st["out"], st["kernel"], st["act"]
     if kind == "conv":
@@ -408,6 +445,8 @@ def make_block(st: dict, cin: int, stride: int) -> nn.Module:
         return BasicBlock(cin, cout, k, stride, act)
     if kind == "bottleneck":
         return Bottleneck(cin, cout, k, stride, st["expand"], act, st.get("group_width", 0))
+    if kind == "shuffle":
+        return ShuffleBlock(cin, cout, k, stride, act)
     raise ValueError(kind)  # unreachable: validate_spec checked it
 
 

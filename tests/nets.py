@@ -78,3 +78,45 @@ class GroupNet(nn.Module):
         x = self.down(self.stem(x))
         x = F.relu(x + self.mix(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ShuffleNet(nn.Module):
+    """ShuffleNet V2-style channel movement: x.chunk, torch.split and x[:, a:b] slices, torchvision's own
+    channel_shuffle (view → transpose → contiguous → view, sizes from x.size()), and a 4-group shuffle written
+    with reshape / permute / flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, stride=2, padding=1), nn.BatchNorm2d(24), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(12, 12, 1), nn.BatchNorm2d(12), nn.ReLU(),
+                                    nn.Conv2d(12, 12, 3, padding=1, groups=12), nn.BatchNorm2d(12),
+                                    nn.Conv2d(12, 12, 1), nn.BatchNorm2d(12), nn.ReLU())
+        self.mix = nn.Sequential(nn.Conv2d(24, 24, 1), nn.BatchNorm2d(24), nn.ReLU())
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.models.shufflenetv2 import channel_shuffle
+
+        x = self.stem(x)
+        x1, x2 = x.chunk(2, dim=1)
+        x = channel_shuffle(torch.cat((x1, self.branch(x2)), dim=1), 2)
+        a, b = torch.split(self.mix(x), [8, 16], dim=1)
+        n, c, h, w = b.shape
+        b = b.reshape(n, 4, c // 4, h, w).permute(0, 2, 1, 3, 4).flatten(1, 2)
+        y = torch.cat((a, b[:, 8:], x[:, 3:11]), dim=1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class PickNet(nn.Module):
+    """A channel selection that is neither a slice nor a shuffle (reordered, one channel twice): a `gather` that
+    TFLite's GATHER runs and ExecuTorch runs as index_select outside the XNNPACK delegate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv = nn.Sequential(nn.Conv2d(5, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(self.stem(x)[:, [6, 0, 3, 3, 1]])
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

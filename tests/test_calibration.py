@@ -566,6 +566,62 @@ def test_grouped_convolutions(calib_images, test_images):
         bad.validate()
 
 
+def test_channel_shuffles_chunks_and_slices_are_gathers(calib_images, test_images):
+    """Data movement (view / transpose / permute / flatten / chunk / split / x[:, a:b] / x[:, [list]]) that ends
+    in a channel selection of a 4-D map is one `gather` op sharing its input's (scale, zp): the float graph is the
+    torch model and the sim equals the integer reference (see _user_net_qm), for tests/nets.py's ShuffleNet and
+    torchvision's ShuffleNet V2 (sizes from x.size(), as torchvision's channel_shuffle reads them)."""
+    import torchvision
+
+    from tests.nets import PickNet, ShuffleNet
+
+    torch.manual_seed(0)
+    qm = _user_net_qm(ShuffleNet(), calib_images, test_images)
+    gathers = [op.attrs["indices"] for op in qm.ops if op.kind == "gather"]
+    assert gathers[:3] == [list(range(12)), list(range(12, 24)), [j for i in range(12) for j in (i, 12 + i)]]
+    assert [j for i in range(4) for j in (i, 4 + i, 8 + i, 12 + i)] in gathers  # the 4-group shuffle
+    for op in qm.ops:
+        if op.kind == "gather":
+            assert qm.tensors[op.outputs[0]].qparams == qm.tensors[op.inputs[0]].qparams
+    torch.manual_seed(0)
+    assert [op.attrs["indices"] for op in _user_net_qm(PickNet(), calib_images, test_images).ops
+            if op.kind == "gather"] == [[6, 0, 3, 3, 1]]
+    torch.manual_seed(0)
+    shufflenet = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    g = float_graph(shufflenet, [3, 32, 32])
+    x = to_float(calib_images[:4])
+    with torch.no_grad():
+        torch.testing.assert_close(run_ops(g.ops, g.input, x, g.params)[g.output], shufflenet(x), atol=1e-5, rtol=0)
+    assert sum(op.kind == "gather" for op in g.ops) == 3 * 13 + 3  # per stride-1 block: 2 halves + a shuffle
+    bad = copy.deepcopy(qm)
+    next(op for op in bad.ops if op.kind == "gather").attrs["indices"] = [0, 99]
+    with pytest.raises(UserError, match=r"gather needs axis 3 and indices, a list of channels in \[0, 24\)"):
+        bad.validate()
+
+
+class _BadMove(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(2 if how == "pixel-shuffle" else 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        n, c, h, w = y.shape
+        if self.how == "pixel-shuffle":  # channels move into space
+            y = y.view(n, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c // 4, 2 * h, 2 * w)
+        else:  # height and width swap places
+            y = y.transpose(2, 3)
+        return self.fc(torch.relu(y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["pixel-shuffle", "transpose-hw"])
+def test_data_movement_that_is_not_a_channel_selection_is_refused(how, calib_images):
+    with pytest.raises(UserError, match=r"model node 'relu': reading '(reshape|transpose)', a view / transpose / "
+                                        r"chunk of 'conv' whose result is not a channel selection"):
+        calibrate(_BadMove(how), calib_images[:8], progress=False)
+
+
 class _BadCat(nn.Module):
     def __init__(self, how: str) -> None:
         super().__init__()

@@ -33,7 +33,7 @@ from export import executorch as E
 from ghnq.cli import UserError, run_cli
 from ghnq.data import load_eval_images
 from ghnq.spec import build_model, load_spec
-from tests.nets import FireNet, FlatNet, GroupNet, SwishNet
+from tests.nets import FireNet, FlatNet, GroupNet, PickNet, ShuffleNet, SwishNet
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
@@ -74,7 +74,8 @@ def _random_init(model: nn.Module) -> nn.Module:
 @cache
 def get(name: str) -> tuple[QuantizedModel, np.ndarray]:
     """(QM, real test images): seeded random weights, BN re-estimated, calibrated on 64 real train images."""
-    nets = {"poolnet": PoolNet, "flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet}
+    nets = {"poolnet": PoolNet, "flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet,
+            "shufflenet": ShuffleNet, "picknet": PickNet}
     model = nets[name]() if name in nets else build_model(load_spec(ROOT / "specs" / f"{name}.yaml"))
     calib, _, _ = load_eval_images(64, split="train", quiet=True)
     images, _, _ = load_eval_images(N_IMAGES, split="test", quiet=True)
@@ -87,7 +88,7 @@ def program(name: str) -> E.Program:
     return E.lower(get(name)[0])
 
 
-FAST = ["poolnet", "flatnet", "firenet", "swishnet", "groupnet", "tiny-mbv2"]
+FAST = ["poolnet", "flatnet", "firenet", "swishnet", "groupnet", "shufflenet", "tiny-mbv2"]
 ALL = FAST + [pytest.param(s, marks=pytest.mark.slow) for s in SPECS if s not in FAST]
 
 
@@ -226,6 +227,23 @@ def test_runtime_equals_the_executorch_sim(name: str, tmp_path: Path) -> None:
     assert np.array_equal(et, sim), f"{int((et != sim).sum())} of {et.size} logit codes differ"
     if name == "poolnet":  # its avg pool has ties: XNNPACK's int8 arithmetic alone does not explain the runtime
         assert not np.array_equal(et, simulate(qm, images, rounding="xnnpack"))
+
+
+def test_channel_gathers_take_the_delegated_form_where_one_exists(tmp_path: Path) -> None:
+    """A channel slice runs as slice, a channel shuffle as view → transpose → view, both inside the XNNPACK
+    delegate (shufflenet: one delegate); any other channel selection as index_select on the portable kernels,
+    between two delegates, still code for code with the sim; the report says what ran outside."""
+    qm, _ = get("shufflenet")
+    forms = [E.gather_form(op.attrs["indices"], qm.tensors[op.inputs[0]].shape[-1])[0]
+             for op in qm.ops if op.kind == "gather"]
+    assert sorted(set(forms)) == ["shuffle", "slice"] and forms.count("shuffle") == 2
+    d = program("picknet").delegation
+    assert d["outside_delegate"] == {"aten_index_select_default": 1} and d["delegated_subgraphs"] == 2
+    assert d["compute_outside_delegate"] == {}
+    qm, images, et = _run_et("picknet", tmp_path)
+    assert np.array_equal(et, simulate(qm, images, rounding="executorch"))
+    assert E.gather_form([6, 0, 3, 3, 1], 8)[0] == "index" and E.gather_form([2, 3, 4], 8) == ("slice", 2, 5)
+    assert E.gather_form([0, 3, 1, 4, 2, 5], 6) == ("shuffle", 2, 0)  # 2 groups of 3, transposed
 
 
 def _t(name: str, shape: list[int], s: float, zp: int) -> Tensor:

@@ -80,14 +80,14 @@ def test_meta_training_lowers_loss() -> None:
 
 
 def test_modern_space_trains_the_kinds_no_other_space_draws() -> None:
-    """--space modern gives SiLU, GELU, sigmoid gates and grouped convs their first training signal: a loss on
-    its nets reaches those op kinds' embedding rows, which a loss on cifar-space nets leaves at exactly zero
-    gradient (so until a run trains on it, GHN-Q encodes those ops with untrained rows)."""
+    """--space modern gives SiLU, GELU, sigmoid gates, grouped convs and concats (ShuffleNet units) their first
+    training signal: a loss on its nets reaches those op kinds' embedding rows, which a loss on cifar-space nets
+    leaves at exactly zero gradient (so until a run trains on it, GHN-Q encodes those ops with untrained rows)."""
     from ghnq.graph import KIND_INDEX
 
     images, labels = load_sample()
     x01, y = to_x01(images[:16]), torch.as_tensor(labels[:16])
-    new_kinds = ("silu", "gelu", "sigmoid", "gconv")
+    new_kinds = ("silu", "gelu", "sigmoid", "gconv", "cat")
 
     def kind_grads(space: str, n: int) -> dict[str, float]:
         torch.manual_seed(0)
@@ -97,8 +97,8 @@ def test_modern_space_trains_the_kinds_no_other_space_draws() -> None:
         loss.backward()
         return {k: ghn.kind_emb.weight.grad[KIND_INDEX[k]].abs().sum().item() for k in new_kinds}
 
-    assert all(g > 0 for g in kind_grads("modern", 6).values())
-    assert all(g == 0 for g in kind_grads("cifar", 6).values())
+    assert all(g > 0 for g in kind_grads("modern", 8).values())
+    assert all(g == 0 for g in kind_grads("cifar", 8).values())
 
 
 def test_log_gains_read_back_the_decoders_gain() -> None:

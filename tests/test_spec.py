@@ -80,6 +80,8 @@ stages:
   - {block: bottleneck, out: 32, expand: 0.5, stride: 1, repeat: 2}
   - {block: mbconv, out: 24, kernel: 3, expand: 4, se: true, gate: sigmoid, act: silu}
   - {block: bottleneck, out: 40, expand: 0.5, group_width: 8, act: gelu}
+  - {block: shuffle, out: 48, kernel: 5, stride: 2, repeat: 2}
+  - {block: shuffle, out: 32, act: hardswish}
 head: {hidden: 32, dropout: 0.2}
 """
     model = build_model(parse_spec(text)).eval()
@@ -89,6 +91,8 @@ head: {hidden: 32, dropout: 0.2}
     assert {nn.SiLU, nn.GELU, nn.Sigmoid, nn.Hardsigmoid} <= kinds
     gelu = next(m for m in model.modules() if isinstance(m, nn.GELU))
     assert gelu.approximate == "none"  # the erf form: the only GELU the exporters take
+    units = [m for m in model.modules() if type(m).__name__ == "ShuffleBlock"]
+    assert [u.split for u in units] == [False, True, False]  # downsample; pass half through; width change
 
 
 def test_grouped_bottleneck_rounds_its_width_to_whole_groups() -> None:
@@ -135,6 +139,7 @@ def test_defaults_are_filled() -> None:
     ("stages: [{block: mbconv, out: 8, se: true, gate: relu}]", "stages[0].gate"),
     ("stages: [{block: bottleneck, out: 8, group_width: -4}]", "stages[0].group_width"),
     ("stages: [{block: basic, out: 8, group_width: 4}]", "stages[0].group_width"),
+    ("stages: [{block: shuffle, out: 9}]", "stages[0].out"),
     ("stages: [{block: conv}]", "stages[0].out"),
     ("input: [3, 32]\nstages: [{block: conv, out: 8}]", "input"),
     ("stages: [{block: conv, out: 8}]\nhead: {dropout: 1.0}", "head.dropout"),
@@ -344,8 +349,8 @@ def test_deep_space_reaches_torchvision_depth_and_width(batch: torch.Tensor) -> 
         assert build_model(deepest).eval()(batch[:2]).shape == (2, 10)
 
 
-def test_modern_space_draws_silu_gelu_sigmoid_gates_and_grouped_bottlenecks(batch: torch.Tensor) -> None:
-    """--space modern: the ops of EfficientNet / RegNet-style nets, which no other space draws."""
+def test_modern_space_draws_silu_gelu_sigmoid_gates_grouped_bottlenecks_and_shuffles(batch: torch.Tensor) -> None:
+    """--space modern: the ops of EfficientNet / RegNet / ShuffleNet-style nets, which no other space draws."""
     cap = 25e6
     modern = [sample_spec(random.Random(i), SamplerConfig(max_macs=cap, **SPACES["modern"])) for i in range(40)]
     others = [sample_spec(random.Random(i), SamplerConfig(max_macs=cap, **SPACES[space]))
@@ -361,7 +366,9 @@ def test_modern_space_draws_silu_gelu_sigmoid_gates_and_grouped_bottlenecks(batc
     assert any(st_.get("gate") == "sigmoid" for s in modern for st_ in s["stages"])
     grouped = [s for s in modern if any(st_.get("group_width") for st_ in s["stages"])]
     assert grouped
+    assert any(st_["block"] == "shuffle" for s in modern for st_ in s["stages"])
     assert set().union(*map(acts, others)) <= {"relu", "relu6", "hardswish"}
+    assert not any(st_["block"] == "shuffle" for s in others for st_ in s["stages"])
     assert not any("gate" in st_ or "group_width" in st_ for s in others for st_ in s["stages"])
     models = [build_model(s).eval() for s in grouped]
     truly = [m for m in models if any(isinstance(c, nn.Conv2d) and 1 < c.groups < c.in_channels for c in m.modules())]
