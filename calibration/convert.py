@@ -115,8 +115,8 @@ def _is_global_pool(output_size: object) -> bool:
 
 
 class _ValueProp(ShapeProp):
-    """ShapeProp that also keeps every node's non-tensor value (x.size(), the arithmetic on it, chunk's tuple):
-    the channel-movement lowering replays view / transpose / chunk with them."""
+    """ShapeProp that also keeps the value of every node that holds no tensor (x.size(), x.shape, the int
+    arithmetic on them): the channel-movement lowering replays view / transpose / chunk with them."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
@@ -124,7 +124,9 @@ class _ValueProp(ShapeProp):
 
     def run_node(self, n: fx.Node) -> object:
         result = super().run_node(n)
-        if not isinstance(result, torch.Tensor):
+        tensors: list[torch.Tensor] = []
+        fx.node.map_aggregate(result, lambda v: tensors.append(v) if isinstance(v, torch.Tensor) else None)
+        if not tensors:
             self.values[n] = result
         return result
 
@@ -157,8 +159,8 @@ def _replay(node: fx.Node, source: fx.Node, index: object, values: dict[fx.Node,
 def _channel_gather(index: object, c_in: int, h: int, w: int) -> list[int] | None:
     """The input channel of each output channel, when `index` (element indices into a [1, c_in, h, w] map) is
     a [1, C, h, w] map whose every channel is one whole input channel; else None."""
-    if not isinstance(index, torch.Tensor) or index.dim() != 4 or list(index.shape[::2]) != [1, h] or \
-            index.shape[3] != w:
+    if not isinstance(index, torch.Tensor) or index.dim() != 4 or index.shape[0] != 1 or \
+            tuple(index.shape[2:]) != (h, w):
         return None
     channel = index[0, :, 0, 0] // (h * w)
     expect = channel.view(-1, 1, 1) * (h * w) + torch.arange(h * w).view(1, h, w)
@@ -213,17 +215,13 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
             shape is not None and len(shape) == 2  # keeps its own lowering: the `reshape` op read by Linear
         if _is_movement(node) and first is not None and (
                 first in moving or (first in name_of and len(shapes[name_of[first]]) == 4 and not flatten)):
-            if first in moving:
-                source, index = moving[first]
-            else:
-                source = name_of[first]
-                _, h, w, c = shapes[source]
-                index = torch.arange(c * h * w).view(1, c, h, w)
+            source = moving[first][0] if first in moving else name_of[first]
+            _, h, w, c = shapes[source]
+            index = moving[first][1] if first in moving else torch.arange(c * h * w).view(1, c, h, w)
             try:
                 index = _replay(node, first, index, prop.values)
             except Exception as err:
                 raise fail(node, f"{node.target} ({type(err).__name__}: {err})") from None
-            _, h, w, c = shapes[source]
             channels = _channel_gather(index, c, h, w)
             if channels is None:
                 moving[node] = (source, index)
@@ -234,11 +232,9 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
                 name_of[node] = node.name
                 shapes[node.name] = [1, h, w, len(channels)]
             continue
-        if shape is None and node in prop.values:
-            continue  # shape arithmetic (x.size(), //): consumed by a view or reshape, replayed from its value
         if shape is None:
-            if node.op == "call_method" and node.target == "size" or node.target is getattr:
-                continue  # shape arithmetic feeding a view/reshape: the output shape comes from ShapeProp
+            if node in prop.values:
+                continue  # shape arithmetic (x.size(), x.shape, //) feeding a view: replayed from its value
             raise fail(node, f"{node.op} {node.target} (no tensor output)")
         nodes_read: list[fx.Node] = []  # every fx node in args and kwargs, lists included (cat), in order
         fx.node.map_arg((node.args, node.kwargs), nodes_read.append)

@@ -224,14 +224,10 @@ class QuantizedModel:
                 if list(self.tensors[op.outputs[0]].shape) != [*self.tensors[op.inputs[0]].shape[:3], len(idx)]:
                     raise UserError(f"{where}: output shape {self.tensors[op.outputs[0]].shape}; gather of "
                                     f"{len(idx)} channels needs {[*self.tensors[op.inputs[0]].shape[:3], len(idx)]}")
+            if op.kind in ("gather", "concat"):
                 q = {(tuple(self.tensors[n].scale), tuple(self.tensors[n].zero_point)) for n in op.inputs + op.outputs}
                 if len(q) != 1:
-                    raise UserError(f"{where}: gather input and output must share one (scale, zero point); the int8 "
-                                    "runtimes copy codes")
-            if op.kind == "concat":
-                q = {(tuple(self.tensors[n].scale), tuple(self.tensors[n].zero_point)) for n in op.inputs + op.outputs}
-                if len(q) != 1:
-                    raise UserError(f"{where}: concat inputs and output must share one (scale, zero point); the "
+                    raise UserError(f"{where}: {op.kind} inputs and output must share one (scale, zero point); the "
                                     "int8 runtimes copy codes without requantizing")
             defined.update(op.outputs)
         for name, t in self.tensors.items():

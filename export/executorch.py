@@ -67,6 +67,7 @@ from torchao.quantization.pt2e.quantizer import (
     Quantizer,
 )
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+from torchvision.models.shufflenetv2 import channel_shuffle
 
 from calibration.qmodel import TABLE_OPS, WEIGHTED_OPS, Op, QuantizedModel
 from calibration.sim import table_function
@@ -214,8 +215,7 @@ class OpModule(nn.Module):
             if form == "slice":
                 y = x[:, p:q]
             elif form == "shuffle":
-                n, c, h, w = x.shape
-                y = x.view(n, p, c // p, h, w).transpose(1, 2).reshape(n, c, h, w)
+                y = channel_shuffle(x, p)
             else:
                 y = x.index_select(1, self.indices)
         elif k == "reshape":

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import yaml
 from torch import nn
+from torchvision.models.shufflenetv2 import channel_shuffle
 from torchvision.ops import Conv2dNormActivation, SqueezeExcitation
 
 from ghnq.cli import UserError, run_cli
@@ -403,11 +404,6 @@ class Bottleneck(nn.Module):
         return self.act(self.expand(self.conv(self.reduce(x))) + self.shortcut(x))
 
 
-def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    n, c, h, w = x.size()
-    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
-
-
 class ShuffleBlock(nn.Module):
     """ShuffleNet V2 unit: with stride 1 and as many channels in as out, half the channels pass through and the
     other half go through 1×1 → depthwise k×k → 1×1; otherwise (downsampling, or a width change) both halves are
@@ -440,11 +436,12 @@ def make_block(st: dict, cin: int, stride: int) -> nn.Module:
     if kind == "sep":
         return SepConv(cin, cout, k, stride, act)
     if kind == "mbconv":
-        return MBConv(cin, cout, k, stride, st["expand"], st["se"], act, st.get("gate", "hardsigmoid"))
+        return MBConv(cin, cout, k, stride, st["expand"], st["se"], act, st.get("gate", OMITTED_AT_DEFAULT["gate"]))
     if kind == "basic":
         return BasicBlock(cin, cout, k, stride, act)
     if kind == "bottleneck":
-        return Bottleneck(cin, cout, k, stride, st["expand"], act, st.get("group_width", 0))
+        return Bottleneck(cin, cout, k, stride, st["expand"], act,
+                          st.get("group_width", OMITTED_AT_DEFAULT["group_width"]))
     if kind == "shuffle":
         return ShuffleBlock(cin, cout, k, stride, act)
     raise ValueError(kind)  # unreachable: validate_spec checked it
