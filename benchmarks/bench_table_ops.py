@@ -1,9 +1,9 @@
-"""Benchmark: the table ops (hardswish, sigmoid, silu, tanh, leaky_relu) in both runtimes, on random parameters.
+"""Benchmark: the table ops (calibration.qmodel.TABLE_OPS) in both runtimes, on random parameters.
 
-    python -m benchmarks.bench_table_ops [--trials 20] [--seed 0] [--json out/table_ops.json]
+    python -m benchmarks.bench_table_ops [--trials 20] [--seed 0] [--kinds elu,gelu] [--json out/table_ops.json]
 
 For each op kind and each of `--trials` random (input scale, zero point, output scale, zero point) draws (and a
-random LeakyReLU slope), one single-op QuantizedModel is written as a `.tflite` and a `.pte` and run on all 256
+random LeakyReLU slope / ELU alpha), one single-op QuantizedModel is written as a `.tflite` and a `.pte` and run on all 256
 input codes: LiteRT (reference kernels and the default XNNPACK path) and the ExecuTorch XNNPACK runtime. Counted:
 codes where a runtime differs from calibration.reference.table_for (the table both writers carry or compute),
 and, for scale, codes where the table differs from torch's own float32 evaluation of the function (how often the
@@ -30,7 +30,8 @@ from ghnq.fileio import atomic_write_text
 def _draw(rng: np.random.Generator, kind: str) -> tuple[tuple[float, int], tuple[float, int], dict]:
     s_in = float(np.float32(np.exp(rng.uniform(np.log(0.005), np.log(0.2)))))
     s_out = float(np.float32(np.exp(rng.uniform(np.log(0.002), np.log(0.1)))))
-    attrs = {"alpha": round(float(rng.uniform(0.01, 0.3)), 3)} if kind == "leaky_relu" else {}
+    attrs = ({"alpha": round(float(rng.uniform(0.01, 0.3)), 3)} if kind == "leaky_relu" else
+             {"alpha": round(float(rng.uniform(0.2, 2.0)), 3)} if kind == "elu" else {})
     return (s_in, int(rng.integers(-128, 128))), (s_out, int(rng.integers(-128, 128))), attrs
 
 
@@ -44,8 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=20, help="random parameter draws per op kind (default 20)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kinds", default=",".join(TABLE_OPS), help="comma list of op kinds (default: all)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    if unknown := sorted(set(kinds) - set(TABLE_OPS)):
+        p.error(f"--kinds: unknown {', '.join(unknown)}; allowed: {', '.join(TABLE_OPS)}")
 
     from export.executorch import ExecuTorchRunner, lower
     from export.tflite import KERNELS, LiteRTRunner, build_tflite
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     x = np.arange(-128, 128, dtype=np.int8).reshape(1, 16, 16, 1)
     rows, t0 = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in TABLE_OPS:
+        for kind in kinds:
             row = {"kind": kind, "programs": 0, "codes": 0, "executorch_diff": 0, "delegated": 0,
                    **{f"litert_{k}_diff": 0 for k in KERNELS}, "table_vs_torch_float32": 0}
             for _ in range(args.trials):

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.ops import stochastic_depth
 from tqdm import tqdm
 
@@ -44,10 +43,11 @@ from calibration.qmodel import (
 from calibration.sim import run_ops
 from ghnq.cli import UserError
 from ghnq.data import MEAN, STD
+from ghnq.movement import ValueProp, channel_gather, is_movement, replay
 
 SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d right after a Conv2d, ReLU, "
-             "ReLU6 (or Hardtanh(0, 6)), Hardswish, Sigmoid, SiLU, Tanh, LeakyReLU, GELU, Hardsigmoid right after a "
-             "Conv2d/Linear, tensor + tensor, "
+             "ReLU6 (or Hardtanh(0, 6)), Hardswish, Sigmoid, SiLU, Tanh, LeakyReLU, ELU, GELU, Hardsigmoid right "
+             "after a Conv2d/Linear, tensor + tensor, "
              "tensor * tensor, AdaptiveAvgPool2d(1), mean over H,W, MaxPool2d, AvgPool2d, ZeroPad2d, "
              "Flatten/flatten/reshape/view to [N, features] (read by Linear), torch.cat along channels, "
              "view/transpose/permute/chunk/split/indexing chains that select channels of a 4-D map (channel "
@@ -114,65 +114,10 @@ def _is_global_pool(output_size: object) -> bool:
     return output_size in (1, (1, 1), [1, 1])
 
 
-class _ValueProp(ShapeProp):
-    """ShapeProp that also keeps the value of every node that holds no tensor (x.size(), x.shape, the int
-    arithmetic on them): the channel-movement lowering replays view / transpose / chunk with them."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.values: dict[fx.Node, object] = {}
-
-    def run_node(self, n: fx.Node) -> object:
-        result = super().run_node(n)
-        tensors: list[torch.Tensor] = []
-        fx.node.map_aggregate(result, lambda v: tensors.append(v) if isinstance(v, torch.Tensor) else None)
-        if not tensors:
-            self.values[n] = result
-        return result
-
-
-# Data movement: torch ops that only rearrange elements. A chain of them from a 4-D map that ends in another
-# 4-D map of the same H, W whose every channel is one input channel (ShuffleNet's view → transpose → view
-# channel shuffle, chunk / split / x[:, a:b] channel slices) is one QM `gather` op; anything else is refused.
-_MOVE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "chunk", "split", "tensor_split",
-                 "narrow", "unflatten", "flatten", "squeeze", "unsqueeze", "swapaxes", "movedim"}
-_MOVE_FUNCTIONS = {torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.chunk, torch.split,
-                   torch.tensor_split, torch.narrow, torch.swapaxes, torch.movedim, torch.squeeze, torch.unsqueeze,
-                   operator.getitem}
-
-
-def _is_movement(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _MOVE_METHODS
-    return node.op == "call_function" and node.target in _MOVE_FUNCTIONS
-
-
-def _replay(node: fx.Node, source: fx.Node, index: object, values: dict[fx.Node, object]) -> object:
-    """Run a movement node on the element-index tensor(s) of its source instead of the data: the result says,
-    element by element, where each value came from. Other fx arguments (sizes) take their traced values."""
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: index if n is source else values[n])
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return node.target(*args, **kwargs)
-
-
-def _channel_gather(index: object, c_in: int, h: int, w: int) -> list[int] | None:
-    """The input channel of each output channel, when `index` (element indices into a [1, c_in, h, w] map) is
-    a [1, C, h, w] map whose every channel is one whole input channel; else None."""
-    if not isinstance(index, torch.Tensor) or index.dim() != 4 or index.shape[0] != 1 or \
-            tuple(index.shape[2:]) != (h, w):
-        return None
-    channel = index[0, :, 0, 0] // (h * w)
-    expect = channel.view(-1, 1, 1) * (h * w) + torch.arange(h * w).view(1, h, w)
-    if not torch.equal(index[0], expect) or not bool(((channel >= 0) & (channel < c_in)).all()):
-        return None
-    return [int(c) for c in channel]
-
-
 def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
     """Trace `model`, fold BN, and lower it to float ops (see module docstring)."""
     gm = fold_conv_bn(trace(model))
-    prop = _ValueProp(gm)
+    prop = ValueProp(gm)
     try:
         prop.propagate(torch.zeros(1, *input_chw))
     except Exception as err:
@@ -213,16 +158,16 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
         first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         flatten = node.target in ("view", "reshape", "flatten", torch.reshape, torch.flatten) and \
             shape is not None and len(shape) == 2  # keeps its own lowering: the `reshape` op read by Linear
-        if _is_movement(node) and first is not None and (
+        if is_movement(node) and first is not None and (
                 first in moving or (first in name_of and len(shapes[name_of[first]]) == 4 and not flatten)):
             source = moving[first][0] if first in moving else name_of[first]
             _, h, w, c = shapes[source]
             index = moving[first][1] if first in moving else torch.arange(c * h * w).view(1, c, h, w)
             try:
-                index = _replay(node, first, index, prop.values)
+                index = replay(node, first, index, prop.values)
             except Exception as err:
                 raise fail(node, f"{node.target} ({type(err).__name__}: {err})") from None
-            channels = _channel_gather(index, c, h, w)
+            channels = channel_gather(index, c, h, w)
             if channels is None:
                 moving[node] = (source, index)
             elif channels == list(range(c)):
@@ -296,6 +241,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
             return _TABLE_MODULES[type(mod)], {}
         if isinstance(mod, nn.LeakyReLU):
             return "leaky_relu", {"alpha": float(mod.negative_slope)}
+        if isinstance(mod, nn.ELU):
+            return "elu", {"alpha": float(mod.alpha)}
         if isinstance(mod, nn.GELU):
             return _gelu(node, mod.approximate, fail)
         if isinstance(mod, nn.Hardsigmoid):
@@ -341,6 +288,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
             return _gelu(node, args[1] if len(args) > 1 else kwargs.get("approximate", "none"), fail)
         if target is F.leaky_relu:
             return "leaky_relu", {"alpha": float(args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01))}
+        if target is F.elu:
+            return "elu", {"alpha": float(args[1] if len(args) > 1 else kwargs.get("alpha", 1.0))}
         if target is F.hardsigmoid:
             return "hardsigmoid", {}
         if target is F.dropout:
@@ -373,7 +322,7 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
     raise fail(node, f"{node.op} {getattr(target, '__name__', target)}")
 
 
-# Elementwise functions lowered to table ops (qmodel.TABLE_OPS); leaky_relu also carries its slope.
+# Elementwise functions lowered to table ops (qmodel.TABLE_OPS); leaky_relu and elu also carry their alpha.
 _TABLE_MODULES = {nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.Tanh: "tanh"}
 _TABLE_FUNCTIONS = {F.hardswish: "hardswish", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.silu: "silu",
                     torch.tanh: "tanh", F.tanh: "tanh"}

@@ -40,8 +40,9 @@ Ops (`Op.kind`, inputs, attrs); `attrs["fused"]` in {"none", "relu", "relu6", "r
                                TFLite SAME semantics); output shares the input's (scale, zp)
   avg_pool2d        [x]        kernel, stride, padding; divides by the number of in-range positions (TFLite);
                                output shares the input's (scale, zp)
-  hardswish, sigmoid, silu, tanh, leaky_relu, gelu (TABLE_OPS; gelu is the exact, erf form)
-                    [x]        elementwise, own output (scale, zp); leaky_relu has `alpha` (the negative slope).
+  hardswish, sigmoid, silu, tanh, leaky_relu, gelu, elu (TABLE_OPS; gelu is the exact, erf form)
+                    [x]        elementwise, own output (scale, zp); leaky_relu has `alpha` (the negative slope),
+                               elu its `alpha` (x < 0: alpha · (exp(x) − 1)).
                                Each is one int8 → int8 function: a 256-entry table of output codes
                                (calibration.reference.table_for), which the TFLite writer writes as a GATHER
                                and ExecuTorch's XNNPACK delegate computes in float32 code for code
@@ -111,7 +112,7 @@ FORMAT = "ghnq-qm"
 VERSION = 1
 WEIGHTED_OPS = ("conv2d", "depthwise_conv2d", "fully_connected")  # inputs: (x, int8 weight[, int32 bias])
 # Elementwise int8 → int8 functions every runtime evaluates as the same 256-entry table (see reference.table_for).
-TABLE_OPS = ("hardswish", "sigmoid", "silu", "tanh", "leaky_relu", "gelu")
+TABLE_OPS = ("hardswish", "sigmoid", "silu", "tanh", "leaky_relu", "gelu", "elu")
 OP_KINDS = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, "pad", "reshape", "concat",
             "gather")
 FUSED = ("none", "relu", "relu6", "relu_0_to_1")
@@ -212,10 +213,11 @@ class QuantizedModel:
                 if c_in % c_per or c_out % (c_in // c_per):
                     raise UserError(f"{where}: weight {op.inputs[1]!r} has {c_per} input channels for a {c_in}-channel "
                                     f"input and {c_out} outputs; groups (= {c_in} / {c_per}) must divide both")
-            if op.kind == "leaky_relu":
+            if op.kind in ("leaky_relu", "elu"):
                 alpha = op.attrs.get("alpha")
                 if not isinstance(alpha, int | float) or not np.isfinite(alpha):
-                    raise UserError(f"{where}: attrs.alpha={alpha!r}; leaky_relu needs a finite negative slope")
+                    what = "negative slope" if op.kind == "leaky_relu" else "alpha (the negative saturation)"
+                    raise UserError(f"{where}: attrs.alpha={alpha!r}; {op.kind} needs a finite {what}")
             if op.kind == "gather":
                 c_in, idx = self.tensors[op.inputs[0]].shape[-1], op.attrs.get("indices")
                 if op.attrs.get("axis") != 3 or not isinstance(idx, list) or not idx or not all(

@@ -288,7 +288,7 @@ def _downscale_to_int16(m: int) -> int:
 @lru_cache(maxsize=4096)
 def table_for(kind: str, qi: tuple[float, int], qo: tuple[float, int], alpha: float = 0.0) -> np.ndarray:
     """A table op (qmodel.TABLE_OPS) as one integer function: table[q + 128] = output code of input code q
-    (read-only). `alpha` is leaky_relu's negative slope.
+    (read-only). `alpha` is leaky_relu's negative slope, elu's negative saturation.
 
     Why a table, and this one: ExecuTorch's XNNPACK partitioner lowers these ops only in fp32 (inside the
     delegate: dequantize → float32 op → quantize), while TFLite's own int8 kernels compute something else
@@ -305,7 +305,7 @@ def table_for(kind: str, qi: tuple[float, int], qo: tuple[float, int], alpha: fl
 
 
 def op_table(op: Op, qi: tuple[float, int], qo: tuple[float, int]) -> np.ndarray:
-    """`table_for` of one QM op (its kind and, for leaky_relu, its slope); qi / qo are (scale, zp) or longer."""
+    """`table_for` of one QM op (its kind and, for leaky_relu / elu, its alpha); qi / qo are (scale, zp) or longer."""
     return table_for(op.kind, (float(qi[0]), int(qi[1])), (float(qo[0]), int(qo[1])), op.attrs.get("alpha", 0.0))
 
 

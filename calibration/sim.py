@@ -88,6 +88,9 @@ def table_function(kind: str, attrs: dict) -> Callable[[torch.Tensor], torch.Ten
     if kind == "leaky_relu":
         alpha = float(attrs["alpha"])
         return lambda x: F.leaky_relu(x, alpha)
+    if kind == "elu":
+        alpha = float(attrs["alpha"])
+        return lambda x: F.elu(x, alpha)
     return {"hardswish": F.hardswish, "sigmoid": torch.sigmoid, "silu": F.silu, "tanh": torch.tanh,
             "gelu": F.gelu}[kind]
 
@@ -475,8 +478,8 @@ def et_table(kind: str, q_in: tuple[float, int], q_out: tuple[float, int], alpha
     code, quantized, as ExecuTorch's delegate runs it (every one is FP32-only in its partitioner configs).
       hardswish: `et_hardswish_table` (the float32 evaluation order matters on ties);
       leaky_relu: x < 0 ? x · float32(alpha) : x, in float32 (XNNPACK's f32 kernel: one rounding);
-      sigmoid, silu, tanh, gelu: the correctly rounded float32 value of the function (evaluated in float64). XNNPACK
-        evaluates them with float32 approximations of its own, within a few ulps; the quantized code differs
+      sigmoid, silu, tanh, gelu, elu: the correctly rounded float32 value of the function (evaluated in float64).
+        XNNPACK evaluates them with float32 approximations of its own, within a few ulps; the quantized code differs
         only where y / s_out is within ~1e-5 of a rounding tie. Measured: the runtime's codes equal this table on
         every code of every (scale, zero point) tried (tests/test_export_executorch.py,
         benchmarks/bench_table_ops.py: 40 random draws per op, 0 of 61,440 codes differ)."""
@@ -486,7 +489,7 @@ def et_table(kind: str, q_in: tuple[float, int], q_out: tuple[float, int], alpha
     if kind == "leaky_relu":
         y = torch.where(x < 0, x * torch.tensor(_f32(alpha)), x)
     else:
-        y = table_function(kind, {})(x.double()).to(torch.float32)
+        y = table_function(kind, {"alpha": alpha})(x.double()).to(torch.float32)
     return _et_quantize(y, *q_out).numpy().astype(np.int8)
 
 

@@ -355,7 +355,7 @@ def _pool(c: _Ctx, op: Op, code: str) -> None:
 
 
 def _table(c: _Ctx, op: Op) -> None:
-    """int8 table op (hardswish, sigmoid, silu, tanh, leaky_relu, gelu): the integer reference's 256-entry table,
+    """int8 table op (hardswish, sigmoid, silu, tanh, leaky_relu, gelu, elu): the integer reference's 256-entry table,
     looked up with integer-only builtins:
     CAST(int8 → int32) → ADD(+128, int32) → GATHER(params = the int8 table carrying the output's quantization).
 
@@ -394,6 +394,18 @@ def _fp32_table_op(c: _Ctx, op: Op) -> None:
         c.g.op("LEAKY_RELU", [x], [y], tfl.LeakyReluOptionsT(alpha=float(op.attrs["alpha"])), FP32_VERSION)
     elif op.kind == "gelu":
         c.g.op("GELU", [x], [y], tfl.GeluOptionsT(approximate=False), FP32_VERSION)
+    elif op.kind == "elu":  # LiteRT's kernels have no ELU builtin: RELU(x) + alpha · (EXP(MINIMUM(x, 0)) − 1)
+        out, shape = op.outputs[0], list(c.qm.tensors[op.outputs[0]].shape)
+        neg, exp, less, scaled, pos = (c.activation(f"{out}/{p}", shape, like=out)
+                                       for p in ("neg", "exp", "expm1", "scaled", "relu"))
+        for name, value in (("zero", 0.0), ("one", 1.0), ("alpha", float(op.attrs["alpha"]))):
+            c.g.tensor(f"{out}/{name}", [1], "float32", data=np.array([value], np.float32))
+        c.g.op("MINIMUM", [x, f"{out}/zero"], [neg], None, FP32_VERSION)
+        c.g.op("EXP", [neg], [exp], None, FP32_VERSION)
+        c.g.op("SUB", [exp, f"{out}/one"], [less], tfl.SubOptionsT(), FP32_VERSION)
+        c.g.op("MUL", [less, f"{out}/alpha"], [scaled], tfl.MulOptionsT(), FP32_VERSION)
+        c.g.op("RELU", [x], [pos], None, FP32_VERSION)
+        c.g.op("ADD", [pos, scaled], [y], tfl.AddOptionsT(), FP32_VERSION)
     else:
         code = {"hardswish": "HARD_SWISH", "sigmoid": "LOGISTIC", "tanh": "TANH"}[op.kind]
         c.g.op(code, [x], [y], None, FP32_VERSION)

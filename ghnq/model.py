@@ -249,8 +249,12 @@ class GHNQ(nn.Module):
         s[:r0, :c0] = 1.0
         return s
 
-    def decode(self, h: Tensor, bits: Tensor, shapes: list[tuple[int, ...]]) -> tuple[list[Tensor], list[Tensor]]:
-        """Weights of the given 2-D/4-D shapes (and biases of length shape[0]) for node embeddings h."""
+    def decode(self, h: Tensor, bits: Tensor, shapes: list[tuple[int, ...]],
+               picks: list[tuple[list[int] | None, list[int] | None]] | None = None
+               ) -> tuple[list[Tensor], list[Tensor]]:
+        """Weights of the given 2-D/4-D shapes (and biases of length shape[0]) for node embeddings h. With
+        `picks`, layer n's weight is rows picks[n][0] / columns picks[n][1] of the decoded shape (a layer that
+        reads its channels in another order than the GHN's view, `Node.in_index` / `Node.out_index`)."""
         c = self.config
         z = self.dec_in(torch.cat([h, self.bits_emb(bits)], 1))
         spatial = F.relu(self.dec_spatial(z)).view(len(h), c.dec_hidden, c.kernel, c.kernel)
@@ -278,6 +282,13 @@ class GHNQ(nn.Module):
             if out > o or inp > i:
                 w = w.repeat(math.ceil(out / o), math.ceil(inp / i), 1)[:out, :inp]
                 w = w * self._sign(out, inp, o, i, w.device).unsqueeze(-1)
+            b = biases[n].repeat(math.ceil(out / c.dec_out))[:out]
+            rows, cols = picks[n] if picks else (None, None)
+            if rows is not None:
+                w, b = w[rows], b[rows]
+            if cols is not None:
+                w = w[:, cols]
+            out, inp = w.shape[0], w.shape[1]
             w = w.reshape(out, inp, math.isqrt(kk), math.isqrt(kk))
             if k > c.kernel:  # larger kernels than the decoder block: tile spatially
                 w = w.repeat(1, 1, math.ceil(k / c.kernel), math.ceil(k / c.kernel))[:, :, :k, :k]
@@ -290,28 +301,33 @@ class GHNQ(nn.Module):
                 # classifiers have ~zero row means (ResNet-20 SGD: 4.5 % of the weight std), so center rows.
                 w = w - w.mean(1, keepdim=True)
             w = (w - w.mean()) / (w.std(unbiased=False) + 1e-6) * (gains[n] * math.sqrt(1.0 / (inp * k * k)))
-            weights.append(w.reshape(shape))
-            b = biases[n]
-            out_biases.append(b.repeat(math.ceil(out / c.dec_out))[:out])
+            weights.append(w.reshape((out, inp, *shape[2:])))
+            out_biases.append(b)
         return weights, out_biases
 
     def forward(self, batch: GraphBatch, bits: list[str]) -> list[dict[str, Tensor]]:
         """Predicted parameters {"module.weight": tensor, "module.bias": tensor} for each graph."""
         h = self.embed(batch)
-        rows, bit_idx, shapes, names = [], [], [], []
+        rows, bit_idx, shapes, picks, names = [], [], [], [], []
         for gi, (g, off) in enumerate(zip(batch.graphs, batch.offsets, strict=True)):
             for ni in g.param_nodes():
                 node = g.nodes[ni]
                 rows.append(ni + off)
                 bit_idx.append(BITS.index(bits[gi]))
-                shapes.append(node.params["weight"])
+                shape = node.params["weight"]
+                if node.out_index is not None:
+                    shape = (max(node.out_index) + 1, *shape[1:])
+                if node.in_index is not None:
+                    shape = (shape[0], max(node.in_index) + 1, *shape[2:])
+                shapes.append(shape)
+                picks.append((node.out_index, node.in_index))
                 names.append((gi, node))
         out: list[dict[str, Tensor]] = [{} for _ in batch.graphs]
         if not rows:
             return out
         device = h.device
         weights, biases = self.decode(h[torch.tensor(rows, device=device)], torch.tensor(bit_idx, device=device),
-                                      shapes)
+                                      shapes, picks)
         for (gi, node), w, b in zip(names, weights, biases, strict=True):
             if node.flatten_area > 1:  # Linear(C) after a global average pool, as one Linear(C·H·W)
                 w = w.repeat_interleave(node.flatten_area, dim=1) / node.flatten_area

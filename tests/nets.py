@@ -120,3 +120,19 @@ class PickNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(self.stem(x)[:, [6, 0, 3, 3, 1]])
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class EluNet(nn.Module):
+    """ELU as a module (alpha 1) and as a function (alpha 0.5), around a residual add: a table op each, which
+    TFLite runs as a GATHER and ExecuTorch on its portable kernels, beside the XNNPACK delegate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ELU())
+        self.conv = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = F.elu(self.conv(x) + x, alpha=0.5)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

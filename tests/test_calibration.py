@@ -263,10 +263,10 @@ def test_exact_integer_accumulators(cin, groups, wmax):
 
 
 TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.2}),
-          ("gelu", {})]
+          ("gelu", {}), ("elu", {"alpha": 1.0}), ("elu", {"alpha": 0.4})]
 
 
-@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k for k, _ in TABLES])
+@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + str(a.get("alpha", "")) for k, a in TABLES])
 @pytest.mark.parametrize("qi, qo", [((0.0655, -12), (0.00725, -94)), ((0.05, 0), (0.02, -100))])
 def test_table_op_is_one_table_in_every_rounding(kind, attrs, qi, qo):
     """A table op on all 256 codes: the integer reference and the sim in every rounding mode compute the same

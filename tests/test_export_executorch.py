@@ -33,7 +33,7 @@ from export import executorch as E
 from ghnq.cli import UserError, run_cli
 from ghnq.data import load_eval_images
 from ghnq.spec import build_model, load_spec
-from tests.nets import FireNet, FlatNet, GroupNet, PickNet, ShuffleNet, SwishNet
+from tests.nets import EluNet, FireNet, FlatNet, GroupNet, PickNet, ShuffleNet, SwishNet
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
@@ -75,7 +75,7 @@ def _random_init(model: nn.Module) -> nn.Module:
 def get(name: str) -> tuple[QuantizedModel, np.ndarray]:
     """(QM, real test images): seeded random weights, BN re-estimated, calibrated on 64 real train images."""
     nets = {"poolnet": PoolNet, "flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet,
-            "shufflenet": ShuffleNet, "picknet": PickNet}
+            "shufflenet": ShuffleNet, "picknet": PickNet, "elunet": EluNet}
     model = nets[name]() if name in nets else build_model(load_spec(ROOT / "specs" / f"{name}.yaml"))
     calib, _, _ = load_eval_images(64, split="train", quiet=True)
     images, _, _ = load_eval_images(N_IMAGES, split="test", quiet=True)
@@ -246,6 +246,17 @@ def test_channel_gathers_take_the_delegated_form_where_one_exists(tmp_path: Path
     assert E.gather_form([0, 3, 1, 4, 2, 5], 6) == ("shuffle", 2, 0)  # 2 groups of 3, transposed
 
 
+def test_elu_net_runs_code_for_code_beside_the_delegate(tmp_path: Path) -> None:
+    """A net with two ELUs (alpha 1 and 0.5): three delegate partitions with the ELUs between them on the
+    portable kernels, named in the report, and the runtime's codes are the sim's."""
+    qm, _ = get("elunet")
+    assert sorted(op.attrs["alpha"] for op in qm.ops if op.kind == "elu") == [0.5, 1.0]
+    d = program("elunet").delegation
+    assert d["outside_delegate"] == {"aten_elu_default": 2} and d["delegated_subgraphs"] == 3
+    qm, images, et = _run_et("elunet", tmp_path)
+    assert np.array_equal(et, simulate(qm, images, rounding="executorch"))
+
+
 def _t(name: str, shape: list[int], s: float, zp: int) -> Tensor:
     return Tensor(name, shape, "int8", np.array([s], np.float32), np.array([zp]))
 
@@ -292,6 +303,29 @@ def test_table_op_inside_the_delegate_on_every_code(kind: str, attrs: dict, qi: 
     assert E.fp32_inside_delegate(qm) == {kind: 1}
     prog = E.lower(qm)
     assert prog.delegation["outside_delegate"] == {} and prog.delegation["delegated_subgraphs"] == 1
+    path = tmp_path / "m.pte"
+    path.write_bytes(prog.data)
+    x = np.arange(-128, 128, dtype=np.int8).reshape(1, 16, 16, 1)
+    got = E.ExecuTorchRunner(path)(x)
+    want = table_lookup(op, x, qi, qo)
+    assert np.array_equal(got.reshape(want.shape), want), int((got.reshape(want.shape) != want).sum())
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+@pytest.mark.parametrize("qi, qo", [((0.0655, -12), (0.00725, -94)), ((0.05, 30), (0.04, 40))])
+def test_elu_runs_beside_the_delegate_on_every_code(alpha: float, qi: tuple[float, int], qo: tuple[float, int],
+                                                    tmp_path: Path) -> None:
+    """ExecuTorch 1.5.1's XNNPACK partitioner has no ELU (its config is commented out): ELU runs on the portable
+    kernels in float32 between the delegate's dequantize and quantize, and still returns the table, code for
+    code; the report names it."""
+    from calibration.reference import table_lookup
+
+    op = Op("elu", ["x"], ["y"], {"alpha": alpha})
+    shape = [1, 16, 16, 1]
+    qm = QuantizedModel([op], {"x": _t("x", shape, *qi), "y": _t("y", shape, *qo)}, "x", "y")
+    assert E.fp32_inside_delegate(qm) == {}
+    prog = E.lower(qm)
+    assert prog.delegation["outside_delegate"] == {"aten_elu_default": 1}
     path = tmp_path / "m.pte"
     path.write_bytes(prog.data)
     x = np.arange(-128, 128, dtype=np.int8).reshape(1, 16, 16, 1)

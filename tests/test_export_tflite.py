@@ -26,7 +26,7 @@ from export import tflite as T
 from ghnq.cli import UserError, run_cli
 from ghnq.data import load_eval_images
 from ghnq.spec import build_model, load_spec
-from tests.nets import FireNet, FlatNet, GroupNet, PickNet, ShuffleNet, SwishNet
+from tests.nets import EluNet, FireNet, FlatNet, GroupNet, PickNet, ShuffleNet, SwishNet
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
@@ -117,7 +117,7 @@ def _random_init(model: torch.nn.Module) -> None:
 def net_qm(name: str) -> tuple[QuantizedModel, np.ndarray]:
     """A user-style nn.Module of tests/nets.py, seeded random weights, calibrated like the specs."""
     model = {"flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet,
-             "shufflenet": ShuffleNet, "picknet": PickNet}[name]()
+             "shufflenet": ShuffleNet, "picknet": PickNet, "elunet": EluNet}[name]()
     _random_init(model)
     images, _, _ = load_eval_images(48, quiet=True)
     qm = calibrate(model, images[:32], bn_recalibrate=True, progress=False, meta={"name": name})
@@ -126,11 +126,11 @@ def net_qm(name: str) -> tuple[QuantizedModel, np.ndarray]:
 
 def models() -> list:
     return [pytest.param(s, id=s) for s in ("hand", "flatnet", "firenet", "swishnet", "groupnet", "shufflenet",
-                                                 "picknet", *SPECS)]
+                                                 "picknet", "elunet", *SPECS)]
 
 
 def get(name: str) -> tuple[QuantizedModel, np.ndarray]:
-    if name in ("flatnet", "firenet", "swishnet", "groupnet", "shufflenet", "picknet"):
+    if name in ("flatnet", "firenet", "swishnet", "groupnet", "shufflenet", "picknet", "elunet"):
         return net_qm(name)
     return hand_qm() if name == "hand" else spec_qm(name)
 
@@ -238,10 +238,10 @@ def test_xnnpack_within_one_step_per_op(name: str) -> None:
 
 
 TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.1}),
-          ("gelu", {})]
+          ("gelu", {}), ("elu", {"alpha": 1.0}), ("elu", {"alpha": 0.4})]
 
 
-@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k for k, _ in TABLES])
+@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + str(a.get("alpha", "")) for k, a in TABLES])
 @pytest.mark.parametrize("qi, qo", [((0.0655, -12), (0.00725, -94)), ((0.05, 0), (0.02, -100)),
                                      ((0.11, 30), (0.06, -128))])
 def test_table_op_on_every_code(kind: str, attrs: dict, qi: tuple[float, int], qo: tuple[float, int]) -> None:
@@ -264,7 +264,7 @@ def test_table_op_on_every_code(kind: str, attrs: dict, qi: tuple[float, int], q
     assert {np.dtype(d["dtype"]).name for d in details} == {"int8", "int32"}
 
 
-@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k for k, _ in TABLES])
+@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + str(a.get("alpha", "")) for k, a in TABLES])
 def test_table_op_fp32_twin_is_the_float_function(kind: str, attrs: dict) -> None:
     """The fp32 twin writes TFLite's float builtins (SiLU as x · LOGISTIC(x)); they compute torch's function."""
     from calibration.sim import table_function

@@ -1,0 +1,70 @@
+"""Data-movement chains (view, transpose, chunk, split, indexing, ...) replayed on element indices.
+
+    prop = ValueProp(gm); prop.propagate(x)          # shapes, plus the values of x.size() and its arithmetic
+    index = replay(node, source, index, prop.values)  # run a movement node on indices instead of data
+    channel_gather(index, c, h, w)                    # → the source channel of each output channel, or None
+
+A ShuffleNet channel shuffle is view → transpose → contiguous → view, written with sizes read off x.size():
+rather than keep a list of patterns, the chain is run on a tensor holding each element's own index, so the
+result says where every value came from. Both the integer graph's lowering (calibration.convert: a `gather`
+op) and GHN-Q's graph (ghnq.graph: which channel of the GHN's view each layer reads) use it.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+MOVE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "chunk", "split", "tensor_split",
+                "narrow", "unflatten", "flatten", "squeeze", "unsqueeze", "swapaxes", "movedim"}
+MOVE_FUNCTIONS = {torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.chunk, torch.split,
+                  torch.tensor_split, torch.narrow, torch.swapaxes, torch.movedim, torch.squeeze, torch.unsqueeze,
+                  operator.getitem}
+
+
+class ValueProp(ShapeProp):
+    """ShapeProp that also keeps the value of every node that holds no tensor (x.size(), x.shape, the int
+    arithmetic on them): movement chains are replayed with them."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[fx.Node, object] = {}
+
+    def run_node(self, n: fx.Node) -> object:
+        result = super().run_node(n)
+        tensors: list[torch.Tensor] = []
+        fx.node.map_aggregate(result, lambda v: tensors.append(v) if isinstance(v, torch.Tensor) else None)
+        if not tensors:
+            self.values[n] = result
+        return result
+
+
+def is_movement(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in MOVE_METHODS
+    return node.op == "call_function" and node.target in MOVE_FUNCTIONS
+
+
+def replay(node: fx.Node, source: fx.Node, index: object, values: dict[fx.Node, object]) -> object:
+    """Run a movement node on the element-index tensor(s) of its source instead of the data: the result says,
+    element by element, where each value came from. Other fx arguments (sizes) take their traced values."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: index if n is source else values[n])
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def channel_gather(index: object, c_in: int, h: int, w: int) -> list[int] | None:
+    """The input channel of each output channel, when `index` (element indices into a [1, c_in, h, w] map) is
+    a [1, C, h, w] map whose every channel is one whole input channel; else None."""
+    if not isinstance(index, torch.Tensor) or index.dim() != 4 or index.shape[0] != 1 or \
+            tuple(index.shape[2:]) != (h, w):
+        return None
+    channel = index[0, :, 0, 0] // (h * w)
+    expect = channel.view(-1, 1, 1) * (h * w) + torch.arange(h * w).view(1, h, w)
+    if not torch.equal(index[0], expect) or not bool(((channel >= 0) & (channel < c_in)).all()):
+        return None
+    return [int(c) for c in channel]
