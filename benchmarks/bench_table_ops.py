@@ -3,11 +3,11 @@
     python -m benchmarks.bench_table_ops [--trials 20] [--seed 0] [--kinds elu,gelu] [--json out/table_ops.json]
 
 For each op kind and each of `--trials` random (input scale, zero point, output scale, zero point) draws (and a
-random LeakyReLU slope / ELU alpha), one single-op QuantizedModel is written as a `.tflite` and a `.pte` and run on all 256
-input codes: LiteRT (reference kernels and the default XNNPACK path) and the ExecuTorch XNNPACK runtime. Counted:
-codes where a runtime differs from calibration.reference.table_for (the table both writers carry or compute),
-and, for scale, codes where the table differs from torch's own float32 evaluation of the function (how often the
-"correctly rounded float32" choice of calibration.sim.et_table is visible at all).
+random LeakyReLU slope / ELU alpha), one single-op QuantizedModel is written as a `.tflite` and a `.pte` and run on
+all 256 input codes: LiteRT (reference kernels and the default XNNPACK path) and the ExecuTorch XNNPACK runtime.
+Counted: codes where a runtime differs from calibration.reference.table_for (the table both writers carry or
+compute), and, for scale, codes where the table differs from torch's own float32 evaluation of the function (how
+often the "correctly rounded float32" choice of calibration.sim.et_table is visible at all).
 """
 
 from __future__ import annotations
