@@ -33,16 +33,14 @@ from torch import Tensor, fx, nn
 
 from ghnq.data import MEAN, STD
 from ghnq.graph import trace
+from ghnq.movement import PASS_FUNCTIONS, PASS_METHODS
 
 _FUSABLE_ACTS_MOD = (nn.ReLU, nn.ReLU6)
 _FUSABLE_ACTS_FN = {F.relu, torch.relu, F.relu6}
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+# Read through, as ghnq.movement.PASS_FUNCTIONS / PASS_METHODS (data movement: the integer graph's `gather` copies
+# its input's codes).
 _PASS_MODULES = (nn.Identity, nn.Dropout, nn.Flatten)
-# Data movement too (channel shuffles, chunks, splits): the integer graph's `gather` copies its input's codes.
-_PASS_FUNCS = {torch.flatten, torch.reshape, F.dropout, getattr, operator.getitem, torch.squeeze, torch.transpose,
-               torch.permute, torch.chunk, torch.split}
-_PASS_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "size", "dim", "transpose",
-                 "permute", "chunk", "split"}
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -108,8 +106,8 @@ def _is_passthrough(n: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if n.op == "call_module":
         return isinstance(modules[n.target], _PASS_MODULES)
     if n.op == "call_function":
-        return n.target in _PASS_FUNCS
-    return n.op == "call_method" and n.target in _PASS_METHODS
+        return n.target in PASS_FUNCTIONS
+    return n.op == "call_method" and n.target in PASS_METHODS
 
 
 def quant_points(gm: fx.GraphModule) -> set[str]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ghnq.cli import UserError
-from ghnq.movement import ValueProp, channel_gather, is_movement, replay
+from ghnq.movement import PASS_FUNCTIONS, PASS_METHODS, ValueProp, channel_gather, is_movement, replay
 
 # Every op kind the GHN knows; the index is the embedding row. Append only (checkpoints depend on it).
 KINDS = ("input", "conv", "dwconv", "gconv", "se_conv", "linear", "classifier", "bn", "relu", "relu6",
@@ -39,12 +39,10 @@ _ACT_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 # Modules / functions / methods that only move data: contracted out of the graph.
 _PASS_MODULES = (nn.Identity, nn.Dropout, nn.Flatten)
-# (Channel shuffles, chunks and splits too: ShuffleNet's x.chunk → branch → cat → shuffle reads as the branch and
-# the cat, as GHN-2's graphs of it do.)
-_PASS_FUNCS = {torch.flatten, torch.reshape, F.dropout, getattr, operator.getitem, torch.squeeze, torch.transpose,
-               torch.permute, torch.chunk, torch.split}
-_PASS_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "size", "expand_as",
-                 "permute", "transpose", "mean_keepdim", "chunk", "split"}
+# (ghnq.movement.PASS_FUNCTIONS / PASS_METHODS: channel shuffles, chunks and splits too. ShuffleNet's x.chunk →
+# branch → cat → shuffle reads as the branch and the cat, as GHN-2's graphs of it do; which channels each layer
+# really reads is `_channel_orders`' job.)
+_PASS_METHODS = PASS_METHODS | {"expand_as", "mean_keepdim"}
 
 
 @dataclass
@@ -230,7 +228,7 @@ def extract_graph(model: nn.Module, gm: fx.GraphModule | None = None, input_hw: 
                 size = fxn.args[1] if len(fxn.args) > 1 else fxn.kwargs.get("output_size", 1)
                 h = size if isinstance(size, int) else size[0]
                 kind = "gap" if h == 1 else "avgpool"
-            elif f in _PASS_FUNCS:
+            elif f in PASS_FUNCTIONS:
                 kind = None
             else:
                 kind = "other"

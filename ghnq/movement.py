@@ -15,6 +15,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -23,6 +24,12 @@ MOVE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "chunk"
 MOVE_FUNCTIONS = {torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.chunk, torch.split,
                   torch.tensor_split, torch.narrow, torch.swapaxes, torch.movedim, torch.squeeze, torch.unsqueeze,
                   operator.getitem}
+
+
+# What GHN-Q's graph and the training loop's fake-quant both read through: data movement, plus dropout and the
+# size queries (x.size(), x.shape, x.dim()) whose ints feed views.
+PASS_FUNCTIONS = MOVE_FUNCTIONS | {F.dropout, getattr}
+PASS_METHODS = MOVE_METHODS | {"size", "dim"}
 
 
 class ValueProp(ShapeProp):
