@@ -256,8 +256,9 @@ def extract_graph(model: nn.Module, gm: fx.GraphModule | None = None, input_hw: 
            for n in graph.nodes):
         input_chw = spec["input"] if isinstance(spec, dict) and "input" in spec else [3, input_hw, input_hw]
         runnable = gm if gm is not None else fx.GraphModule(model, graph)
-        for fxn, (axis, index) in _channel_orders(runnable, graph, input_chw).items():
-            setattr(nodes[source[fxn][0]], axis, index)
+        for fxn, picks in _channel_orders(runnable, graph, input_chw).items():
+            for axis, index in picks.items():
+                setattr(nodes[source[fxn][0]], axis, index)
 
     # The parameter node whose output feeds the network output is the classifier: its own embedding.
     out = next(n for n in graph.nodes if n.op == "output")
@@ -285,7 +286,7 @@ _SHAPE_ONLY = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze
 
 
 def _channel_orders(gm: fx.GraphModule, graph: fx.Graph, input_chw: list[int]
-                    ) -> dict[fx.Node, tuple[str, list[int]]]:
+                    ) -> dict[fx.Node, dict[str, list[int]]]:
     """Where channels reach a layer in another order than the GHN's view of the net, which contracts data
     movement: ShuffleNet's channel shuffle interleaves its two halves, and the next unit's chunk reads the
     second half. GHN-Q's decoder gives every channel position its own meaning (a fixed tiled block), so a layer
@@ -298,8 +299,10 @@ def _channel_orders(gm: fx.GraphModule, graph: fx.Graph, input_chw: list[int]
     per-channel ops (BN, activations, pools, depthwise convs) keep them, and a movement chain (replayed on
     element indices, ghnq.movement) gathers them. A dense layer then reads the decoded
     columns of those positions ("in_index"), a depthwise one takes those rows ("out_index").
-    {fx conv/linear node: (attribute, positions)}; empty when the net does not run on `input_chw` (prediction
-    then reads positions as they come)."""
+    A residual add of a shuffled tensor and a conv's output (through BN / activations used once) gives that
+    conv the shuffled rows too, so both addends carry the same meanings.
+    {fx conv/linear node: {"in_index" / "out_index": positions}}; empty when the net does not run on `input_chw`
+    (prediction then reads positions as they come)."""
     prop = ValueProp(gm)
     modes = {m: m.training for m in gm.modules()}
     gm.eval()  # a batch of one must not touch BN running statistics
@@ -315,7 +318,8 @@ def _channel_orders(gm: fx.GraphModule, graph: fx.Graph, input_chw: list[int]
     modules = dict(gm.named_modules())
     order: dict[fx.Node, list[int]] = {}  # absent = identity
     moving: dict[fx.Node, tuple[int, int, int, object, list[int] | None]] = {}  # mid-chain: c, h, w, index, base
-    found: dict[fx.Node, tuple[str, list[int]]] = {}
+    found: dict[fx.Node, dict[str, list[int]]] = {}
+    owner: dict[fx.Node, fx.Node] = {}  # value → the dense conv whose output rows it is (through single-use ops)
 
     def shape_of(n: object) -> tuple[int, ...] | None:
         meta = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
@@ -359,11 +363,13 @@ def _channel_orders(gm: fx.GraphModule, graph: fx.Graph, input_chw: list[int]
         if isinstance(mod, nn.Conv2d | nn.Linear):
             if isinstance(mod, nn.Conv2d) and mod.groups > 1:
                 if mod.groups == mod.in_channels == mod.out_channels and ins and ins[0]:
-                    found[n] = ("out_index", ins[0])  # depthwise: channel j keeps its input's meaning
+                    found[n] = {"out_index": ins[0]}  # depthwise: channel j keeps its input's meaning
                     order[n] = ins[0]
-            elif ins and ins[0] and len(ins[0]) == (mod.in_channels if isinstance(mod, nn.Conv2d)
-                                                    else mod.in_features):
-                found[n] = ("in_index", ins[0])
+                continue
+            if ins and ins[0] and len(ins[0]) == (mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features):
+                found[n] = {"in_index": ins[0]}
+            if isinstance(mod, nn.Conv2d):
+                owner[n] = n
             continue
         if n.op == "call_function" and n.target in (torch.cat, torch.concat):
             if (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)) in (1, -3):
@@ -371,8 +377,20 @@ def _channel_orders(gm: fx.GraphModule, graph: fx.Graph, input_chw: list[int]
                 if parts != list(range(len(parts))):
                     order[n] = parts
             continue
+        is_add = (n.op == "call_function" and n.target in (operator.add, torch.add)) or (
+            n.op == "call_method" and n.target == "add")
+        if is_add and len(tensors) == 2 and (ins[0] is None) != (ins[1] is None):
+            pos, plain = (ins[0], tensors[1]) if ins[0] else (ins[1], tensors[0])
+            conv = owner.get(plain)
+            if conv is not None and len(plain.users) == 1 and "out_index" not in found.get(conv, {}) and \
+                    modules[conv.target].out_channels == len(pos):
+                found.setdefault(conv, {})["out_index"] = pos  # its rows now carry the shuffled meanings
+                order[n] = pos
+                continue
+        if len(tensors) == 1 and tensors[0] in owner and len(tensors[0].users) == 1 and not ins[0]:
+            owner[n] = owner[tensors[0]]  # BN, an activation: still that conv's rows, one for one
         # Everything else (BN, activations, pools, add, mul, ...) keeps channel positions: the first permuted
-        # input's order (an add of a permuted and an unpermuted tensor has no right answer; that one stays).
+        # input's order (an add of two differently ordered tensors has no right answer; that one stays).
         pos = next((p for p in ins if p), None)
         if pos is not None and (shape_of(n) or (0, 0))[1:2] == (len(pos),):
             order[n] = pos

@@ -192,3 +192,37 @@ def test_channel_order_pass_leaves_the_model_as_it_was() -> None:
     extract_graph(model)
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_residual_after_a_shuffle_gets_matching_rows() -> None:
+    # x (shuffled) + conv(x): the conv's rows take the shuffled meanings, so the sum is the unshuffled net's sum
+    # permuted, and the classifier reading it undoes that: the net computes its unshuffled twin.
+    class Res(nn.Module):
+        def __init__(self, shuffle: bool) -> None:
+            super().__init__()
+            self.shuffle = shuffle
+            self.a = nn.Conv2d(3, 12, 3, padding=1)
+            self.b = nn.Conv2d(12, 12, 3, padding=1)
+            self.fc = nn.Linear(12, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            from torchvision.models.shufflenetv2 import channel_shuffle
+
+            x = torch.relu(self.a(x))
+            if self.shuffle:
+                x = channel_shuffle(x, 2)
+            x = x + torch.relu(self.b(x))
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    shuffled, plain = Res(True), Res(False)
+    gs = extract_graph(shuffled)
+    b = next(n for n in gs.nodes if n.module == "b")
+    perm = [c * 6 + g for g in range(6) for c in range(2)]
+    assert b.in_index == perm and b.out_index == perm
+    assert next(n for n in gs.nodes if n.module == "fc").in_index == perm
+    torch.manual_seed(0)
+    ghn = GHNQ(GHNConfig(hidden=16, dec_hidden=8, dec_out=16, dec_in=16, hops=10)).eval()
+    with torch.no_grad():
+        ps, pp = ghn(collate([gs], 10), ["8"])[0], ghn(collate([extract_graph(plain)], 10), ["8"])[0]
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(_load(shuffled, ps)(x), _load(plain, pp)(x), atol=1e-5, rtol=1e-4)
