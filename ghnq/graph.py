@@ -61,7 +61,8 @@ class Node:
     hw: int = 1  # spatial size of the output (height)
     flatten_area: int = 1  # a Linear reading a flattened map of this many positions: weight = params × area
     # Channel order (see `_channel_orders`): a layer reading a permuted / selected view of its GHN input reads
-    # these columns of the decoded weight (dense layers), or its output rows are these rows (depthwise).
+    # these columns of the decoded weight (dense layers); its output rows are these decoded rows (a depthwise
+    # conv on such a view, or a conv added to one).
     in_index: list[int] | None = None
     out_index: list[int] | None = None
 
@@ -254,7 +255,8 @@ def extract_graph(model: nn.Module, gm: fx.GraphModule | None = None, input_hw: 
 
     if any((is_movement(n) and n.target not in _SHAPE_ONLY) or n.target in (torch.cat, torch.concat)
            for n in graph.nodes):
-        input_chw = spec["input"] if isinstance(spec, dict) and "input" in spec else [3, input_hw, input_hw]
+        channels_in = spec["input"][0] if isinstance(spec, dict) and "input" in spec else 3
+        input_chw = [channels_in, input_hw, input_hw]
         runnable = gm if gm is not None else fx.GraphModule(model, graph)
         for fxn, picks in _channel_orders(runnable, graph, input_chw).items():
             for axis, index in picks.items():
