@@ -329,7 +329,9 @@ _TABLE_FUNCTIONS = {F.hardswish: "hardswish", torch.sigmoid: "sigmoid", F.sigmoi
 
 
 def _gelu(node: fx.Node, approximate: str, fail) -> tuple[str, dict]:
-    if approximate != "none":  # XNNPACK's delegate has the exact (erf) GELU only
+    # XNNPACK's delegate has the exact (erf) GELU only, and ExecuTorch 1.5.1's GeluVisitor drops `approximate`:
+    # a tanh GELU would silently run as the erf one.
+    if approximate != "none":
         raise fail(node, f"GELU(approximate={approximate!r}) (only the exact form, approximate='none')")
     return "gelu", {}
 
