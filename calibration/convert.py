@@ -162,7 +162,7 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
                 first in moving or (first in name_of and len(shapes[name_of[first]]) == 4 and not flatten)):
             source = moving[first][0] if first in moving else name_of[first]
             _, h, w, c = shapes[source]
-            index = moving[first][1] if first in moving else torch.arange(c * h * w).view(1, c, h, w)
+            index = moving[first][1] if first in moving else torch.arange(c * h * w, device="cpu").view(1, c, h, w)
             try:
                 index = replay(node, first, index, prop.values)
             except Exception as err:

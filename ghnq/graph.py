@@ -346,7 +346,7 @@ def _channel_orders(gm: fx.GraphModule, graph: fx.Graph, input_chw: list[int]
                 c, h, w, index, base = moving[first]
             else:
                 _, c, h, w = shape_of(first)
-                index, base = torch.arange(c * h * w).view(1, c, h, w), order.get(first)
+                index, base = torch.arange(c * h * w, device="cpu").view(1, c, h, w), order.get(first)
             try:
                 index = replay(n, first, index, prop.values)
             except Exception:

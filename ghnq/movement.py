@@ -17,7 +17,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata  # what ShapeProp stores as tensor_meta
 
 MOVE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "chunk", "split", "tensor_split",
                 "narrow", "unflatten", "flatten", "squeeze", "unsqueeze", "swapaxes", "movedim"}
@@ -32,9 +32,11 @@ PASS_FUNCTIONS = MOVE_FUNCTIONS | {F.dropout, getattr}
 PASS_METHODS = MOVE_METHODS | {"size", "dim"}
 
 
-class ValueProp(ShapeProp):
-    """ShapeProp that also keeps the value of every node that holds no tensor (x.size(), x.shape, the int
-    arithmetic on them): movement chains are replayed with them."""
+class ValueProp(fx.Interpreter):
+    """Runs the graph once and records each node's `tensor_meta` as torch's ShapeProp does, plus the value of
+    every node that holds no tensor (x.size(), x.shape, the int arithmetic on them): movement chains are replayed
+    with them. Not a ShapeProp subclass: ShapeProp prints a traceback to stderr on any failure, and its callers
+    here turn a failure into a named UserError (calibration) or a quiet fallback (GHN-Q's channel order)."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
@@ -42,11 +44,25 @@ class ValueProp(ShapeProp):
 
     def run_node(self, n: fx.Node) -> object:
         result = super().run_node(n)
-        tensors: list[torch.Tensor] = []
-        fx.node.map_aggregate(result, lambda v: tensors.append(v) if isinstance(v, torch.Tensor) else None)
-        if not tensors:
+        found = False
+
+        def tensor_meta(value: object) -> object:
+            nonlocal found
+            if isinstance(value, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(value)
+            return value
+
+        meta = fx.node.map_aggregate(result, tensor_meta)
+        if found:
+            n.meta["tensor_meta"] = meta
+        else:
             self.values[n] = result
+        n.meta["type"] = type(result)
         return result
+
+    def propagate(self, *args: torch.Tensor) -> object:
+        return self.run(*args)
 
 
 def is_movement(node: fx.Node) -> bool:
@@ -71,7 +87,7 @@ def channel_gather(index: object, c_in: int, h: int, w: int) -> list[int] | None
             tuple(index.shape[2:]) != (h, w):
         return None
     channel = index[0, :, 0, 0] // (h * w)
-    expect = channel.view(-1, 1, 1) * (h * w) + torch.arange(h * w).view(1, h, w)
+    expect = channel.view(-1, 1, 1) * (h * w) + torch.arange(h * w, device=index.device).view(1, h, w)
     if not torch.equal(index[0], expect) or not bool(((channel >= 0) & (channel < c_in)).all()):
         return None
     return [int(c) for c in channel]

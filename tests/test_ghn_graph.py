@@ -184,6 +184,25 @@ def test_shuffle_unit_positions_follow_each_channel_to_its_producer() -> None:
     assert by_module["stages.0.branch2.0.0"].in_index == list(range(8, 16))  # reads the stem's rows 8..15
     # concat: the stem's rows 0..7 (passed through), then the branch's rows 0..7; interleaved by the shuffle.
     assert by_module["head.2"].in_index == [i for c in range(8) for i in (c, c)]
+    # Meta-training builds its nets on the meta device: the same positions there (a first version fell back).
+    with torch.device("meta"):
+        on_meta = extract_graph(build_model(validate_spec(spec)))
+    assert [(n.in_index, n.out_index) for n in on_meta.nodes] == [(n.in_index, n.out_index) for n in g.nodes]
+
+
+def test_channel_order_falls_back_quietly(capsys: pytest.CaptureFixture) -> None:
+    class Fixed(nn.Module):  # runs only at 12×12: at the default 32×32 the shape pass fails
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(8 * 100, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return self.fc(torch.cat([y, y], 1).flatten(1))
+
+    g = extract_graph(Fixed())
+    assert all(n.in_index is None and n.out_index is None for n in g.nodes)
+    assert capsys.readouterr().err == ""
 
 
 def test_channel_order_pass_leaves_the_model_as_it_was() -> None:
