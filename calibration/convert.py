@@ -43,7 +43,7 @@ from calibration.qmodel import (
 from calibration.sim import run_ops
 from ghnq.cli import UserError
 from ghnq.data import MEAN, STD
-from ghnq.movement import ValueProp, channel_gather, is_movement, replay
+from ghnq.movement import ValueProp, advance, is_movement
 
 SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d right after a Conv2d, ReLU, "
              "ReLU6 (or Hardtanh(0, 6)), Hardswish, Sigmoid, SiLU, Tanh, LeakyReLU, ELU, GELU, Hardsigmoid right "
@@ -162,12 +162,11 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
                 first in moving or (first in name_of and len(shapes[name_of[first]]) == 4 and not flatten)):
             source = moving[first][0] if first in moving else name_of[first]
             _, h, w, c = shapes[source]
-            index = moving[first][1] if first in moving else torch.arange(c * h * w, device="cpu").view(1, c, h, w)
             try:
-                index = replay(node, first, index, prop.values)
+                index, channels = advance(node, first, moving[first][1] if first in moving else None, (c, h, w),
+                                          prop.values)
             except Exception as err:
                 raise fail(node, f"{node.target} ({type(err).__name__}: {err})") from None
-            channels = channel_gather(index, c, h, w)
             if channels is None:
                 moving[node] = (source, index)
             elif channels == list(range(c)):

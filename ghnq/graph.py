@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ghnq.cli import UserError
-from ghnq.movement import PASS_FUNCTIONS, PASS_METHODS, ValueProp, channel_gather, is_movement, replay
+from ghnq.movement import PASS_FUNCTIONS, PASS_METHODS, ValueProp, advance, is_movement
 
 # Every op kind the GHN knows; the index is the embedding row. Append only (checkpoints depend on it).
 KINDS = ("input", "conv", "dwconv", "gconv", "se_conv", "linear", "classifier", "bn", "relu", "relu6",
@@ -345,13 +345,11 @@ def _channel_orders(gm: fx.GraphModule, graph: fx.Graph, input_chw: list[int]
             if first in moving:
                 c, h, w, index, base = moving[first]
             else:
-                _, c, h, w = shape_of(first)
-                index, base = torch.arange(c * h * w, device="cpu").view(1, c, h, w), order.get(first)
+                (_, c, h, w), index, base = shape_of(first), None, order.get(first)
             try:
-                index = replay(n, first, index, prop.values)
+                index, chans = advance(n, first, index, (c, h, w), prop.values)
             except Exception:
                 continue
-            chans = channel_gather(index, c, h, w)
             if chans is None:
                 moving[n] = (c, h, w, index, base)
             else:
@@ -379,8 +377,8 @@ def _channel_orders(gm: fx.GraphModule, graph: fx.Graph, input_chw: list[int]
                 if parts != list(range(len(parts))):
                     order[n] = parts
             continue
-        is_add = (n.op == "call_function" and n.target in (operator.add, torch.add)) or (
-            n.op == "call_method" and n.target == "add")
+        is_add = (n.op == "call_function" and n.target in (operator.add, torch.add, operator.iadd)) or (
+            n.op == "call_method" and n.target in ("add", "add_"))  # what extract_graph calls "add"
         if is_add and len(tensors) == 2 and (ins[0] is None) != (ins[1] is None):
             pos, plain = (ins[0], tensors[1]) if ins[0] else (ins[1], tensors[0])
             conv = owner.get(plain)

@@ -3,6 +3,7 @@
     prop = ValueProp(gm); prop.propagate(x)          # shapes, plus the values of x.size() and its arithmetic
     index = replay(node, source, index, prop.values)  # run a movement node on indices instead of data
     channel_gather(index, c, h, w)                    # → the source channel of each output channel, or None
+    index, channels = advance(node, source, None, (c, h, w), prop.values)  # both, at a chain's start
 
 A ShuffleNet channel shuffle is view → transpose → contiguous → view, written with sizes read off x.size():
 rather than keep a list of patterns, the chain is run on a tensor holding each element's own index, so the
@@ -78,6 +79,18 @@ def replay(node: fx.Node, source: fx.Node, index: object, values: dict[fx.Node, 
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
     return node.target(*args, **kwargs)
+
+
+def advance(node: fx.Node, first: fx.Node, index: object | None, chw: tuple[int, int, int],
+            values: dict[fx.Node, object]) -> tuple[object, list[int] | None]:
+    """One movement node of a chain that started at a [1, c, h, w] map: the chain's element indices after it
+    (`index`: the chain's so far, None at its start) and, when they are a channel selection of that map, the
+    map's channel behind each output channel (`channel_gather`), else None."""
+    c, h, w = chw
+    if index is None:
+        index = torch.arange(c * h * w, device="cpu").view(1, c, h, w)  # CPU even under a meta default device
+    index = replay(node, first, index, values)
+    return index, channel_gather(index, c, h, w)
 
 
 def channel_gather(index: object, c_in: int, h: int, w: int) -> list[int] | None:
