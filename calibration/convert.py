@@ -43,12 +43,14 @@ from calibration.qmodel import (
 from calibration.sim import run_ops
 from ghnq.cli import UserError
 from ghnq.data import MEAN, STD
+from ghnq.graph import POOL_FUNCTIONS, pool_arguments
 from ghnq.movement import ValueProp, advance, is_movement
 
 SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d right after a Conv2d, ReLU, "
              "ReLU6 (or Hardtanh(0, 6)), Hardswish, Sigmoid, SiLU, Tanh, LeakyReLU, ELU, GELU, Hardsigmoid right "
              "after a Conv2d/Linear, tensor + tensor, "
-             "tensor * tensor, AdaptiveAvgPool2d(1), mean over H,W, MaxPool2d, AvgPool2d, ZeroPad2d, "
+             "tensor * tensor, AdaptiveAvgPool2d(1), mean over H,W, MaxPool2d / AvgPool2d (modules or "
+             "functions, ceil_mode, count_include_pad), ZeroPad2d, "
              "Flatten/flatten/reshape/view to [N, features] (read by Linear), torch.cat along channels, "
              "view/transpose/permute/chunk/split/indexing chains that select channels of a 4-D map (channel "
              "shuffles, chunks, slices), Identity, Dropout, StochasticDepth")
@@ -194,6 +196,13 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
         if kind == "alias":
             name_of[node] = ins[0]
             continue
+        pre_pad = attrs.pop("pre_pad", None)
+        if pre_pad:  # a pool that averages its zero padding in: an explicit pad op first (see _pool)
+            padded = f"{node.name}/pre_pad"
+            ops.append(Op("pad", ins[:1], [padded], {"padding": pre_pad}, source=str(src)))
+            _, h, w, c = shapes[ins[0]]
+            shapes[padded] = [1, h + pre_pad[0] + pre_pad[1], w + pre_pad[2] + pre_pad[3], c]
+            ins = [padded]
         if kind in WEIGHTED_OPS:
             w = mod.weight.detach().float().clone()
             b = mod.bias.detach().float().clone() if mod.bias is not None else torch.zeros(w.shape[0])
@@ -250,18 +259,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
             return "alias", {}
         if isinstance(mod, nn.AdaptiveAvgPool2d) and _is_global_pool(mod.output_size):
             return "mean", {"axes": [1, 2], "keepdims": True}
-        if isinstance(mod, nn.MaxPool2d):
-            if mod.ceil_mode or _pair(mod.dilation) != [1, 1]:
-                raise fail(node, "MaxPool2d with ceil_mode or dilation")
-            p = _pair(mod.padding)
-            return "max_pool2d", {"kernel": _pair(mod.kernel_size), "stride": _pair(mod.stride or mod.kernel_size),
-                                  "padding": [p[0], p[0], p[1], p[1]]}
-        if isinstance(mod, nn.AvgPool2d):
-            p = _pair(mod.padding)
-            if mod.ceil_mode or (any(p) and mod.count_include_pad) or mod.divisor_override:
-                raise fail(node, "AvgPool2d with ceil_mode, divisor_override or count_include_pad=True padding")
-            return "avg_pool2d", {"kernel": _pair(mod.kernel_size), "stride": _pair(mod.stride or mod.kernel_size),
-                                  "padding": [p[0], p[0], p[1], p[1]]}
+        if isinstance(mod, nn.MaxPool2d | nn.AvgPool2d):
+            return _pool(node, *pool_arguments(node, mod), fail)
         if isinstance(mod, nn.ZeroPad2d):
             left, right, top, bottom = mod.padding
             return "pad", {"padding": [top, bottom, left, right]}
@@ -297,6 +296,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
             training = args[3] if len(args) > 3 else kwargs.get("training", True)
             if training is False:
                 return "alias", {}
+        if target in POOL_FUNCTIONS:  # F.max_pool2d(x, 2), F.avg_pool2d(x, 4), torch.max_pool2d, ...
+            return _pool(node, *pool_arguments(node), fail)
         if target is F.adaptive_avg_pool2d and _is_global_pool(args[1] if len(args) > 1 else kwargs.get("output_size")):
             return "mean", {"axes": [1, 2], "keepdims": True}
         if target is torch.mean:
@@ -325,6 +326,41 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
 _TABLE_MODULES = {nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.Tanh: "tanh"}
 _TABLE_FUNCTIONS = {F.hardswish: "hardswish", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.silu: "silu",
                     torch.tanh: "tanh", F.tanh: "tanh"}
+
+
+def _pool(node: fx.Node, kind: str, a: dict, fail) -> tuple[str, dict]:
+    """max_pool2d / avg_pool2d attrs from torch's pool arguments `a`.
+
+    The QM's pools run floor-mode windows over the input padded by [top, bottom, left, right], and padded
+    positions take no part: not in a max, not in an average's divisor (TFLite's and XNNPACK's rule). torch's
+    variants map onto that exactly:
+    - ceil_mode: the output size is torch's (read off the trace); the windows that hang over the bottom/right
+      edge get that overhang as extra bottom/right padding, which torch also leaves out of the max and the mean.
+    - count_include_pad=True (avg_pool2d's default) with padding: torch averages the padding's zeros in, so the
+      padding becomes a real `pad` op (real 0 = the zero point) before the pool (attr "pre_pad", split off by
+      float_graph), and only a ceil-mode overhang stays pool padding: torch's divisor also stops at the end of
+      the padding (`min(start + k, size + pad)`)."""
+    what = "MaxPool2d" if kind == "max_pool2d" else "AvgPool2d"
+    if _pair(a.get("dilation", 1)) != [1, 1]:
+        raise fail(node, f"{what} with dilation {a['dilation']}")
+    if a.get("return_indices"):
+        raise fail(node, f"{what} with return_indices")
+    if a.get("divisor_override"):
+        raise fail(node, f"{what} with divisor_override")
+    k, p = _pair(a["kernel_size"]), _pair(a["padding"])
+    s = _pair(a["stride"] or a["kernel_size"])  # torch.max_pool2d's default stride is [] (= the kernel)
+    in_hw = list(node.args[0].meta["tensor_meta"].shape[2:])
+    out_hw = list(node.meta["tensor_meta"].shape[2:])
+    if kind == "avg_pool2d" and k == in_hw and not any(p) and out_hw == [1, 1]:
+        return "mean", {"axes": [1, 2], "keepdims": True}  # F.avg_pool2d(x, 4) of a 4×4 map: a global average
+    after = list(p)
+    if a["ceil_mode"]:
+        after = [max(pp, (o - 1) * st + kk - n - pp) for o, st, kk, n, pp in zip(out_hw, s, k, in_hw, p, strict=True)]
+    attrs = {"kernel": k, "stride": s, "padding": [p[0], after[0], p[1], after[1]]}
+    if kind == "avg_pool2d" and a["count_include_pad"] and any(p):
+        attrs["padding"] = [0, after[0] - p[0], 0, after[1] - p[1]]
+        attrs["pre_pad"] = [p[0], p[0], p[1], p[1]]
+    return kind, attrs
 
 
 def _gelu(node: fx.Node, approximate: str, fail) -> tuple[str, dict]:

@@ -128,17 +128,33 @@ def check_supported(qm: QuantizedModel) -> None:
             k, s = op.attrs["kernel"], op.attrs["stride"]
             if op.kind == "max_pool2d" and (s[0] > k[0] or s[1] > k[1]):
                 raise UserError(f"{_where(i, op)}: max pool stride {s} > kernel {k}; XNNPACK needs stride ≤ kernel")
-            _pool_padding(op)  # raises when torch cannot express it
+            _pool_padding(op, qm.tensors[op.inputs[0]].shape[1:3], qm.tensors[op.outputs[0]].shape[1:3])
         if op.kind == "reshape" and len(op.attrs["shape"]) != 2:
             raise UserError(f"{_where(i, op)}: reshape to {op.attrs['shape']}; supported: [1, C] (flatten)")
 
 
-def _pool_padding(op: Op) -> tuple[int, int]:
+def _pool_padding(op: Op, in_hw: list[int], out_hw: list[int]) -> tuple[int, int, bool]:
+    """(top, left, ceil_mode) of the torch pool computing the QM's: symmetric padding, or for a max pool more at
+    the bottom/right when torch's ceil mode gives exactly the QM's output size (torch leaves the overhang out of
+    the max, as the QM does its padding). Not for an average: XNNPACK delegates no ceil-mode one, and the
+    portable kernel's float sum order is not the delegate's, which the sim models. Raises otherwise."""
     t, b, left, r = op.attrs.get("padding", [0, 0, 0, 0])
-    if t != b or left != r or 2 * t > op.attrs["kernel"][0] or 2 * left > op.attrs["kernel"][1]:
-        raise UserError(f"{op.kind} ({op.source or '?'}): padding {op.attrs['padding']} is not expressible as "
-                        "torch's symmetric pool padding (≤ kernel / 2)")
-    return t, left
+    k, s = op.attrs["kernel"], op.attrs["stride"]
+    if 2 * t <= k[0] and 2 * left <= k[1]:
+        if t == b and left == r:
+            return t, left, False
+        sizes = zip(in_hw, k, s, (t, left), out_hw, strict=True)
+        if op.kind == "max_pool2d" and b >= t and r >= left and all(
+                _ceil_pool_size(n, kk, st, p) == o for n, kk, st, p, o in sizes):
+            return t, left, True
+    raise UserError(f"{op.kind} ({op.source or '?'}): padding {op.attrs['padding']} is not expressible as "
+                    "torch's pool padding (symmetric, ≤ kernel / 2; a max pool also with a ceil-mode overhang)")
+
+
+def _ceil_pool_size(n: int, k: int, s: int, p: int) -> int:
+    """torch's ceil-mode pool output size: the last window must start inside the input or its left padding."""
+    o = -(-(n + 2 * p - k) // s) + 1
+    return o - 1 if (o - 1) * s >= n + p else o
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,6 +195,9 @@ class OpModule(nn.Module):
         if op.kind in WEIGHTED_OPS:
             self.weight = nn.Parameter(_dequantized(qm, op.inputs[1]), requires_grad=False)
             self.bias = nn.Parameter(_dequantized(qm, op.inputs[2]), requires_grad=False)
+        if op.kind in ("max_pool2d", "avg_pool2d"):
+            self.pool_padding = _pool_padding(op, qm.tensors[op.inputs[0]].shape[1:3],
+                                              qm.tensors[op.outputs[0]].shape[1:3])
         if op.kind == "gather":
             self.form = gather_form(op.attrs["indices"], qm.tensors[op.inputs[0]].shape[-1])
             self.register_buffer("indices", torch.tensor(op.attrs["indices"], dtype=torch.int64))
@@ -203,10 +222,12 @@ class OpModule(nn.Module):
         elif k == "mean":
             y = x.mean(dim=(2, 3), keepdim=True)  # XNNPACK's global average pool needs keepdim
         elif k == "max_pool2d":
-            y = F.max_pool2d(x, a["kernel"], a["stride"], _pool_padding_attrs(a))
+            t, left, ceil = self.pool_padding
+            y = F.max_pool2d(x, a["kernel"], a["stride"], (t, left), ceil_mode=ceil)
         elif k == "avg_pool2d":
             # the QM divides by the in-range positions: torch's count_include_pad=False
-            y = F.avg_pool2d(x, a["kernel"], a["stride"], _pool_padding_attrs(a), count_include_pad=False)
+            t, left, ceil = self.pool_padding
+            y = F.avg_pool2d(x, a["kernel"], a["stride"], (t, left), ceil_mode=ceil, count_include_pad=False)
         elif k in TABLE_OPS:
             y = table_function(k, a)(x)
         elif k == "pad":
@@ -238,11 +259,6 @@ class OpModule(nn.Module):
         if k == "mean" and not a.get("keepdims", True):
             y = y.reshape(y.shape[0], y.shape[1])
         return y
-
-
-def _pool_padding_attrs(a: dict[str, Any]) -> tuple[int, int]:
-    t, _, left, _ = a.get("padding", [0, 0, 0, 0])
-    return t, left
 
 
 class QMModule(nn.Module):

@@ -42,7 +42,7 @@ from ghnq.fileio import atomic_write_bytes
 # version, so writing the converter's keeps the files loadable by older runtimes that check them.
 INT8_VERSIONS = {
     "CONV_2D": 3, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 4, "ADD": 2, "MUL": 2, "MEAN": 2,
-    "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2, "HARD_SWISH": 1, "PAD": 2, "RESHAPE": 1, "CONCATENATION": 2,
+    "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2, "HARD_SWISH": 1, "PAD": 2, "PADV2": 2, "RESHAPE": 1, "CONCATENATION": 2,
     # the table ops' lookup (see _table): versions from TFLite's op_version.cc rules (CAST with an
     # int8 side: 3, GATHER of int8 params: 2), not from a conversion
     "CAST": 3, "GATHER": 2,
@@ -222,14 +222,24 @@ def _padding_mode(op: Op, in_hw: list[int], out_hw: list[int], kernel: list[int]
     return tfl.Padding.SAME if same else None
 
 
-def _explicit_pad(c: _Ctx, op: Op, x: str) -> str:
-    """A PAD op with the QM's padding (pads with the zero point = real 0); the layer then runs VALID."""
+def _explicit_pad(c: _Ctx, op: Op, x: str, lowest: bool = False) -> str:
+    """A PAD op with the QM's padding (pads with the zero point = real 0), or with `lowest` a PADV2 padding with
+    the lowest value (int8 code -128; the fp32 twin float32's lowest); the layer then runs VALID."""
     t, b, left, r = op.attrs["padding"]
     shape = list(c.qm.tensors[x].shape)
     padded = f"{op.outputs[0]}/pad"
     c.activation(padded, [shape[0], shape[1] + t + b, shape[2] + left + r, shape[3]], like=x)
     paddings = c.int32_const(f"{padded}/paddings", [[0, 0], [t, b], [left, r], [0, 0]])
-    c.g.op("PAD", [x, paddings], [padded], tfl.PadOptionsT(), c.version("PAD"))
+    if not lowest:
+        c.g.op("PAD", [x, paddings], [padded], tfl.PadOptionsT(), c.version("PAD"))
+        return padded
+    value = f"{padded}/value"  # a scalar with the input's quantization, as PADV2 requires
+    if c.fp32:
+        c.g.tensor(value, [], "float32", data=np.array(np.finfo(np.float32).min, np.float32))
+    else:
+        q = c.qm.tensors[x]
+        c.g.tensor(value, [], "int8", data=np.array(-128, np.int8), scale=q.scale, zero_point=q.zero_point)
+    c.g.op("PADV2", [x, paddings, value], [padded], tfl.PadV2OptionsT(), c.version("PADV2"))
     return padded
 
 
@@ -342,13 +352,16 @@ def _pool(c: _Ctx, op: Op, code: str) -> None:
     mode = _padding_mode(op, c.qm.tensors[x].shape[1:3], c.qm.tensors[op.outputs[0]].shape[1:3], [kh, kw],
                          op.attrs["stride"], [1, 1])
     if mode is None:
-        # A PAD (zero point = real 0) before a VALID max pool is exact only when no input is below real 0,
-        # i.e. the input comes out of a ReLU; TFLite's SAME excludes padded positions, which torch also does.
+        # The QM's pools leave padded positions out (TFLite's SAME does too, but pads only its own way). A max
+        # pool takes an explicit pad and runs VALID: padding with the lowest value changes no max, as every
+        # window holds at least one real position. After a ReLU that is the zero point (real 0 ≤ every input),
+        # a plain PAD that XNNPACK delegates; otherwise PADV2 with code -128. An average has no such rewrite.
+        if code != "MAX_POOL_2D":
+            raise UserError(f"{_where(op)}: padding {op.attrs['padding']} is neither TFLite SAME nor VALID, and an "
+                            "average pool cannot take an explicit pad exactly (padded positions would count)")
         producer = c.qm.producer(x)
-        if code != "MAX_POOL_2D" or producer is None or producer.attrs.get("fused", "none") == "none":
-            raise UserError(f"{_where(op)}: padding {op.attrs['padding']} is neither TFLite SAME nor VALID and "
-                            "cannot be rewritten exactly (only a max pool after a ReLU can take an explicit PAD)")
-        x, mode = _explicit_pad(c, op, x), tfl.Padding.VALID
+        after_relu = producer is not None and producer.attrs.get("fused", "none") != "none"
+        x, mode = _explicit_pad(c, op, x, lowest=not after_relu), tfl.Padding.VALID
     sh, sw = op.attrs["stride"]
     opts = tfl.Pool2DOptionsT(padding=mode, strideW=sw, strideH=sh, filterWidth=kw, filterHeight=kh)
     c.g.op(code, [c.activation(x)], [c.activation(op.outputs[0])], opts, c.version(code))

@@ -84,14 +84,44 @@ def _conv_out(h: int, m: nn.Conv2d) -> int:
     return (h + 2 * p[0] - d * (k - 1) - 1) // s + 1
 
 
+# Max / average pooling as torch spells it, modules or functions: the arguments after the input in torch's order,
+# and their defaults (shared with calibration.convert, which lowers the same calls).
+POOL_ARGS = {"max_pool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+             "avg_pool2d": ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")}
+POOL_DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False,
+                 "count_include_pad": True, "divisor_override": None}
+POOL_FUNCTIONS = {F.max_pool2d: "max_pool2d", torch.max_pool2d: "max_pool2d", F.avg_pool2d: "avg_pool2d"}
+
+
+def pool_arguments(fxn: fx.Node, m: nn.Module | None = None) -> tuple[str, dict]:
+    """("max_pool2d" | "avg_pool2d", every argument by name) of a pool module call or function call."""
+    if m is not None:
+        kind = "max_pool2d" if isinstance(m, nn.MaxPool2d) else "avg_pool2d"
+        return kind, {name: getattr(m, name) for name in POOL_ARGS[kind]}
+    kind = POOL_FUNCTIONS[fxn.target]
+    given = dict(zip(POOL_ARGS[kind], fxn.args[1:], strict=False))  # the positional ones, then the keywords
+    return kind, {**POOL_DEFAULTS, **given, **fxn.kwargs}
+
+
+def pool_size(h: int, a: dict) -> int:
+    """torch's pool output size (one spatial dim): floor, or in ceil mode rounded up unless the last window
+    would start past the input and its left padding."""
+    first = lambda v: v if isinstance(v, int) else v[0]  # noqa: E731
+    k, p = first(a["kernel_size"]), first(a["padding"])
+    s = first(a["stride"] or a["kernel_size"])  # torch.max_pool2d's default stride is [] (= the kernel)
+    d = first(a.get("dilation", 1))
+    span = h + 2 * p - d * (k - 1) - 1
+    if not a.get("ceil_mode"):
+        return span // s + 1
+    o = -(-span // s) + 1
+    return o - 1 if (o - 1) * s >= h + p else o
+
+
 def _pool_out(h: int, m: nn.Module) -> int:
     if isinstance(m, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
         size = m.output_size if isinstance(m.output_size, int) else m.output_size[0]
         return h if size is None else size
-    k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
-    s = m.stride if isinstance(m.stride, int) else (m.stride[0] if m.stride else k)
-    p = m.padding if isinstance(m.padding, int) else m.padding[0]
-    return (h + 2 * p - k) // s + 1
+    return pool_size(h, pool_arguments(None, m)[1])
 
 
 def _is_se(path: str, modules: dict[str, nn.Module]) -> bool:
@@ -225,6 +255,10 @@ def extract_graph(model: nn.Module, gm: fx.GraphModule | None = None, input_hw: 
                 kind = "mul"
             elif f in (torch.cat, torch.concat):
                 kind = "cat"
+            elif f in POOL_FUNCTIONS:
+                kind, args = pool_arguments(fxn)
+                h = pool_size(h, args)
+                kind = "avgpool" if kind == "avg_pool2d" else "maxpool"
             elif f in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
                 size = fxn.args[1] if len(fxn.args) > 1 else fxn.kwargs.get("output_size", 1)
                 h = size if isinstance(size, int) else size[0]

@@ -136,3 +136,26 @@ class EluNet(nn.Module):
         x = self.stem(x)
         x = F.elu(self.conv(x) + x, alpha=0.5)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class TorchPoolNet(nn.Module):
+    """Pools as user code writes them: functions (pytorch-cifar's ResNet ends in F.avg_pool2d(out, 4)), ceil-mode
+    max pools on an odd map (extra bottom/right padding that is TFLite SAME) and on an even one with padding (not
+    SAME, and not after a ReLU: the .tflite pads with PADV2's lowest code), and an Inception-style
+    F.avg_pool2d(x, 3, 1, 1) that averages its zero padding in (count_include_pad=True, torch's default)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+        self.conv = nn.Conv2d(12, 16, 3, padding=1)  # no activation: the pool after it sees negative values
+        self.pool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+        self.valid = nn.Sequential(nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(self.stem(x), 2)              # 32 → 16
+        x = self.pool(self.conv(x))                    # 16 → 9: padding [1, 2, 1, 2]
+        x = F.max_pool2d(self.valid(x), 2, ceil_mode=True)  # 9 → 7 → 4: padding [0, 1, 0, 1]
+        x = F.avg_pool2d(x, 3, 1, 1)                   # a pad op (real 0), then a VALID average
+        x = F.avg_pool2d(x, 4)                         # 4 → 1
+        return self.fc(x.view(x.size(0), -1))

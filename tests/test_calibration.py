@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from calibration import calibrate, reference, simulate
@@ -487,6 +488,38 @@ def test_functional_hardtanh_0_6_is_relu6_and_other_bounds_refused(calib_images)
     assert qm.ops[0].kind == "conv2d" and qm.ops[0].attrs["fused"] == "relu6"
     with pytest.raises(UserError, match=r"'hardtanh'.*Hardtanh\(0, 6\)"):
         calibrate(_Clamp(-1.0, 1.0), calib_images[:16], progress=False)
+
+
+def test_pools_as_user_code_writes_them(calib_images, test_images):
+    """F.max_pool2d / F.avg_pool2d, ceil mode, count_include_pad=True: the float graph is the torch model (see
+    _user_net_qm). A ceil-mode overhang is bottom/right padding; an average that counts its zero padding gets
+    a pad op first; an average over the whole map is a mean."""
+    from tests.nets import TorchPoolNet
+
+    torch.manual_seed(0)
+    qm = _user_net_qm(TorchPoolNet(), calib_images, test_images)
+    pools = [(op.kind, op.attrs.get("padding")) for op in qm.ops
+             if op.kind in ("max_pool2d", "avg_pool2d", "pad", "mean")]
+    assert pools == [("max_pool2d", [0, 0, 0, 0]), ("max_pool2d", [1, 2, 1, 2]), ("max_pool2d", [0, 1, 0, 1]),
+                     ("pad", [1, 1, 1, 1]), ("avg_pool2d", [0, 0, 0, 0]), ("mean", None)]
+
+
+@pytest.mark.parametrize("pool, match", [
+    (nn.MaxPool2d(2, dilation=2), "MaxPool2d with dilation"),
+    (nn.AvgPool2d(2, divisor_override=3), "AvgPool2d with divisor_override"),
+    (lambda x: F.max_pool2d(x, 2, return_indices=True)[0], "max_pool2d_with_indices")])
+def test_pool_variants_without_an_integer_form_are_refused(pool, match, calib_images):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 10)
+            self.pool = pool if isinstance(pool, nn.Module) else None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc((self.pool or pool)(self.conv(x)).mean((2, 3)))
+
+    with pytest.raises(UserError, match=match):
+        calibrate(Net(), calib_images[:8], progress=False)
 
 
 def test_concat_joins_one_shared_quantization(calib_images, test_images):

@@ -33,7 +33,7 @@ from export import executorch as E
 from ghnq.cli import UserError, run_cli
 from ghnq.data import load_eval_images
 from ghnq.spec import build_model, load_spec
-from tests.nets import EluNet, FireNet, FlatNet, GroupNet, PickNet, ShuffleNet, SwishNet
+from tests.nets import EluNet, FireNet, FlatNet, GroupNet, PickNet, ShuffleNet, SwishNet, TorchPoolNet
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
@@ -75,7 +75,7 @@ def _random_init(model: nn.Module) -> nn.Module:
 def get(name: str) -> tuple[QuantizedModel, np.ndarray]:
     """(QM, real test images): seeded random weights, BN re-estimated, calibrated on 64 real train images."""
     nets = {"poolnet": PoolNet, "flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet,
-            "shufflenet": ShuffleNet, "picknet": PickNet, "elunet": EluNet}
+            "shufflenet": ShuffleNet, "picknet": PickNet, "elunet": EluNet, "torchpoolnet": TorchPoolNet}
     model = nets[name]() if name in nets else build_model(load_spec(ROOT / "specs" / f"{name}.yaml"))
     calib, _, _ = load_eval_images(64, split="train", quiet=True)
     images, _, _ = load_eval_images(N_IMAGES, split="test", quiet=True)
@@ -88,7 +88,7 @@ def program(name: str) -> E.Program:
     return E.lower(get(name)[0])
 
 
-FAST = ["poolnet", "flatnet", "firenet", "swishnet", "groupnet", "shufflenet", "tiny-mbv2"]
+FAST = ["poolnet", "flatnet", "firenet", "swishnet", "groupnet", "shufflenet", "torchpoolnet", "tiny-mbv2"]
 ALL = FAST + [pytest.param(s, marks=pytest.mark.slow) for s in SPECS if s not in FAST]
 
 
@@ -193,10 +193,10 @@ def test_fully_delegated_with_int8_io(name: str, tmp_path: Path) -> None:
 # ExecuTorch's partitioner runs hardswish / avg pool / pad in fp32 inside the delegate. Hardswish: the TFLite writer
 # writes the very table that computes (CAST → ADD → GATHER), so LiteRT agrees code for code. Avg pool: LiteRT's
 # XNNPACK delegate runs int8 AVERAGE_POOL_2D (int32 sum, rounded division) where ExecuTorch runs float32 pooling;
-# ties round differently, ≤ 1 code per op, so poolnet (the only model with an avg pool) stays out.
+# ties round differently, ≤ 1 code per op, so poolnet and torchpoolnet (the models with an avg pool) stay out.
 # Each runtime still equals its own sim code for code (test_runtime_equals_the_executorch_sim and
 # tests/test_xnnpack_rounding.py).
-FP32_INSIDE_DELEGATE = {"poolnet"}
+FP32_INSIDE_DELEGATE = {"poolnet", "torchpoolnet"}
 AGREE = [p for p in ALL if getattr(p, "values", [p])[0] not in FP32_INSIDE_DELEGATE]
 
 

@@ -26,7 +26,7 @@ from export import tflite as T
 from ghnq.cli import UserError, run_cli
 from ghnq.data import load_eval_images
 from ghnq.spec import build_model, load_spec
-from tests.nets import EluNet, FireNet, FlatNet, GroupNet, PickNet, ShuffleNet, SwishNet
+from tests.nets import EluNet, FireNet, FlatNet, GroupNet, PickNet, ShuffleNet, SwishNet, TorchPoolNet
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
@@ -117,7 +117,7 @@ def _random_init(model: torch.nn.Module) -> None:
 def net_qm(name: str) -> tuple[QuantizedModel, np.ndarray]:
     """A user-style nn.Module of tests/nets.py, seeded random weights, calibrated like the specs."""
     model = {"flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet,
-             "shufflenet": ShuffleNet, "picknet": PickNet, "elunet": EluNet}[name]()
+             "shufflenet": ShuffleNet, "picknet": PickNet, "elunet": EluNet, "torchpoolnet": TorchPoolNet}[name]()
     _random_init(model)
     images, _, _ = load_eval_images(48, quiet=True)
     qm = calibrate(model, images[:32], bn_recalibrate=True, progress=False, meta={"name": name})
@@ -126,11 +126,11 @@ def net_qm(name: str) -> tuple[QuantizedModel, np.ndarray]:
 
 def models() -> list:
     return [pytest.param(s, id=s) for s in ("hand", "flatnet", "firenet", "swishnet", "groupnet", "shufflenet",
-                                                 "picknet", "elunet", *SPECS)]
+                                                 "picknet", "elunet", "torchpoolnet", *SPECS)]
 
 
 def get(name: str) -> tuple[QuantizedModel, np.ndarray]:
-    if name in ("flatnet", "firenet", "swishnet", "groupnet", "shufflenet", "picknet", "elunet"):
+    if name in ("flatnet", "firenet", "swishnet", "groupnet", "shufflenet", "picknet", "elunet", "torchpoolnet"):
         return net_qm(name)
     return hand_qm() if name == "hand" else spec_qm(name)
 
@@ -292,6 +292,18 @@ def test_xnnpack_end_to_end_hand_model() -> None:
     ref = reference.run(qm, images)
     assert np.abs(out.astype(np.int32) - ref).max() <= 1
     assert np.array_equal(out.argmax(1), ref.argmax(1))
+
+
+def test_max_pool_padding_beyond_same_pads_with_the_lowest_code() -> None:
+    """torchpoolnet's ceil-mode max pool on a 16×16 map (padding [1, 2, 1, 2], after a conv with no ReLU) is not
+    TFLite SAME: the .tflite pads with PADV2 (code -128, which changes no max) and pools VALID; LiteRT's default
+    XNNPACK path equals the sim with XNNPACK's arithmetic code for code, and the fp32 twin pads the same way."""
+    qm, images = net_qm("torchpoolnet")
+    ops = T.op_histogram(T.build_tflite(qm))
+    assert ops["PADV2"] == 1 and ops["PAD"] == 1 and ops["MAX_POOL_2D"] == 3  # PAD: the avg pool's zeros
+    out = T.LiteRTRunner(T.build_tflite(qm), "xnnpack")(input_codes(images))
+    assert np.array_equal(out, simulate(qm, images, rounding="xnnpack"))
+    assert T.op_histogram(T.build_tflite(qm, fp32=True))["PADV2"] == 1
 
 
 def test_fp32_twin_is_the_same_graph_in_float() -> None:

@@ -61,6 +61,30 @@ def test_graph_kinds() -> None:
     assert g.nodes[gap - 1].hw == 8 and g.nodes[gap].hw == 1
 
 
+def test_pool_sizes_follow_torch_functions_and_ceil_mode() -> None:
+    """Functional pools are pools in the GHN's graph, and every node's spatial size is the one torch computes
+    (ceil mode included): the size is an input feature of the prediction."""
+    from tests.nets import TorchPoolNet
+
+    model = TorchPoolNet()
+    seen: dict[str, int] = {}  # each conv's and pool module's output size, as torch computes it
+
+    def record(name: str) -> object:
+        return lambda m, i, o: seen.__setitem__(name, o.shape[-1])
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules()
+             if isinstance(m, nn.Conv2d | nn.MaxPool2d)]
+    model(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    g = extract_graph(model, input_hw=32)
+    assert seen == {"stem.0": 32, "conv": 16, "pool": 9, "valid.0": 7}
+    convs = {n.module: n.hw for n in g.nodes if n.module in seen}
+    assert convs == {"stem.0": 32, "conv": 16, "valid.0": 7}
+    pools = [(n.kind, n.hw) for n in g.nodes if n.kind in ("maxpool", "avgpool", "gap")]
+    assert pools == [("maxpool", 16), ("maxpool", seen["pool"]), ("maxpool", 4), ("avgpool", 4), ("avgpool", 1)]
+
+
 @pytest.mark.parametrize("name,model,hw", MODELS, ids=[m[0] for m in MODELS])
 def test_predicted_shapes_match(name: str, model: nn.Module, hw: int) -> None:
     ghn = GHNQ(GHNConfig(hidden=16, dec_hidden=8, dec_out=16, dec_in=16, hops=10))
