@@ -75,6 +75,7 @@ from export.pipeline import Built, add_common_args, check_requantization, run_ex
 from export.verify import Runners
 from ghnq.cli import UserError, drop_native_log_lines, run_cli
 from ghnq.fileio import atomic_write_bytes
+from ghnq.graph import pool_size
 
 SUPPORTED = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, "pad", "reshape", "concat",
              "gather")
@@ -145,16 +146,11 @@ def _pool_padding(op: Op, in_hw: list[int], out_hw: list[int]) -> tuple[int, int
             return t, left, False
         sizes = zip(in_hw, k, s, (t, left), out_hw, strict=True)
         if op.kind == "max_pool2d" and b >= t and r >= left and all(
-                _ceil_pool_size(n, kk, st, p) == o for n, kk, st, p, o in sizes):
+                pool_size(n, {"kernel_size": kk, "stride": st, "padding": p, "ceil_mode": True}) == o
+                for n, kk, st, p, o in sizes):
             return t, left, True
     raise UserError(f"{op.kind} ({op.source or '?'}): padding {op.attrs['padding']} is not expressible as "
                     "torch's pool padding (symmetric, ≤ kernel / 2; a max pool also with a ceil-mode overhang)")
-
-
-def _ceil_pool_size(n: int, k: int, s: int, p: int) -> int:
-    """torch's ceil-mode pool output size: the last window must start inside the input or its left padding."""
-    o = -(-(n + 2 * p - k) // s) + 1
-    return o - 1 if (o - 1) * s >= n + p else o
 
 
 # ----------------------------------------------------------------------------------------------------
