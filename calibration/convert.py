@@ -50,7 +50,7 @@ SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d right 
              "ReLU6 (or Hardtanh(0, 6)), Hardswish, Sigmoid, SiLU, Tanh, LeakyReLU, ELU, GELU, Hardsigmoid right "
              "after a Conv2d/Linear, tensor + tensor, "
              "tensor * tensor, AdaptiveAvgPool2d(1), mean over H,W, MaxPool2d / AvgPool2d (modules or "
-             "functions, ceil_mode, count_include_pad), ZeroPad2d, "
+             "functions, ceil_mode, count_include_pad), ZeroPad2d / ConstantPad2d(value 0) / F.pad with zeros, "
              "Flatten/flatten/reshape/view to [N, features] (read by Linear), torch.cat along channels, "
              "view/transpose/permute/chunk/split/indexing chains that select channels of a 4-D map (channel "
              "shuffles, chunks, slices), Identity, Dropout, StochasticDepth")
@@ -261,9 +261,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
             return "mean", {"axes": [1, 2], "keepdims": True}
         if isinstance(mod, nn.MaxPool2d | nn.AvgPool2d):
             return _pool(node, *pool_arguments(node, mod), fail)
-        if isinstance(mod, nn.ZeroPad2d):
-            left, right, top, bottom = mod.padding
-            return "pad", {"padding": [top, bottom, left, right]}
+        if isinstance(mod, nn.ZeroPad2d | nn.ConstantPad2d):
+            return _zero_pad(node, mod.padding, "constant", mod.value, fail)
         if isinstance(mod, nn.Flatten):
             return _reshape(node, fail)
         if isinstance(mod, nn.BatchNorm2d):
@@ -298,6 +297,9 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
                 return "alias", {}
         if target in POOL_FUNCTIONS:  # F.max_pool2d(x, 2), F.avg_pool2d(x, 4), torch.max_pool2d, ...
             return _pool(node, *pool_arguments(node), fail)
+        if target is F.pad:  # F.pad(x, (left, right, top, bottom)): TF-style asymmetric "same" padding
+            a = dict(zip(("input", "pad", "mode", "value"), args, strict=False)) | kwargs
+            return _zero_pad(node, a["pad"], a.get("mode", "constant"), a.get("value"), fail)
         if target is F.adaptive_avg_pool2d and _is_global_pool(args[1] if len(args) > 1 else kwargs.get("output_size")):
             return "mean", {"axes": [1, 2], "keepdims": True}
         if target is torch.mean:
@@ -361,6 +363,21 @@ def _pool(node: fx.Node, kind: str, a: dict, fail) -> tuple[str, dict]:
         attrs["padding"] = [0, after[0] - p[0], 0, after[1] - p[1]]
         attrs["pre_pad"] = [p[0], p[0], p[1], p[1]]
     return kind, attrs
+
+
+def _zero_pad(node: fx.Node, pad: object, mode: str, value: float | None, fail) -> tuple[str, dict]:
+    """A constant-zero pad of H and W (torch order (left, right[, top, bottom])) → `pad`, [top, bottom, left,
+    right]. Only zeros: the int8 pad writes the zero point, which is real 0 and nothing else."""
+    if mode != "constant":
+        raise fail(node, f"pad mode {mode!r}; allowed: 'constant' with value 0")
+    if value not in (None, 0, 0.0):
+        raise fail(node, f"pad value {value!r}; allowed: 0 (the zero point)")
+    pad = [pad] * 4 if isinstance(pad, int) else list(pad)
+    if len(pad) not in (2, 4) or not all(isinstance(p, int) and p >= 0 for p in pad):
+        raise fail(node, f"pad {tuple(pad)}; allowed: (left, right) or (left, right, top, bottom), each an int >= 0 "
+                         f"(H and W only, no cropping)")
+    left, right, top, bottom = [*pad, 0, 0][:4]
+    return "pad", {"padding": [top, bottom, left, right]}
 
 
 def _gelu(node: fx.Node, approximate: str, fail) -> tuple[str, dict]:
@@ -477,14 +494,20 @@ def _fuse_activations(ops: list[Op], params: dict[str, torch.Tensor]) -> list[Op
 def fold_input_normalization(g: FloatGraph) -> None:
     """Graph input becomes (pixel - 128)/255 (the int8 input's real value); (x01 - MEAN) / STD, with
     x01 = input + 128/255, moves into every conv reading the input."""
-    users = [op for op in g.ops if g.input in op.inputs]
     if g.shapes[g.input][-1] != len(MEAN):
         raise UserError(f"model input has {g.shapes[g.input][-1]} channels; the uint8 image input needs "
                         f"{len(MEAN)} (RGB)")
+    # Convs read the image directly or through zero pads (TF-style "same" padding as a ZeroPad2d): a pad's zero
+    # becomes pixel 128 here, as a conv's own padding does (see qmodel's "Input and output").
+    pads = [op for op in g.ops if op.kind == "pad" and op.inputs[0] == g.input]
+    readers = {g.input, *(op.outputs[0] for op in pads)}
+    users = [op for op in g.ops if readers & set(op.inputs) and op not in pads]
     for op in users:
-        if op.kind != "conv2d" or op.inputs[0] != g.input:
+        if (op.kind != "conv2d" or op.inputs[0] not in readers or len(readers & set(op.inputs)) > 1
+                or g.params[op.inputs[1]].shape[1] != len(MEAN)):
             raise UserError(f"model node {op.source!r}: the input normalization can be folded only into "
-                            f"Conv2d layers (groups 1) reading the image; found {op.kind}")
+                            f"Conv2d layers (groups 1) reading the image, directly or through a zero pad; "
+                            f"found {op.kind}")
     for op in users:
         wk, bk = op.inputs[1], op.inputs[2]
         mean = torch.tensor(MEAN, dtype=torch.float64).view(1, -1, 1, 1) - 128.0 / 255.0

@@ -117,6 +117,14 @@ def pool_size(h: int, a: dict) -> int:
     return o - 1 if (o - 1) * s >= h + p else o
 
 
+def _pad_height(pad: object) -> int:
+    """Rows a pad adds: torch's (left, right, top, bottom) order, or one int for all sides."""
+    if isinstance(pad, int):
+        return 2 * pad
+    pad = list(pad) if isinstance(pad, tuple | list) else []
+    return sum(p for p in pad[2:4] if isinstance(p, int))
+
+
 def _pool_out(h: int, m: nn.Module) -> int:
     if isinstance(m, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
         size = m.output_size if isinstance(m.output_size, int) else m.output_size[0]
@@ -240,6 +248,8 @@ def extract_graph(model: nn.Module, gm: fx.GraphModule | None = None, input_hw: 
                 kind = "avgpool" if isinstance(m, nn.AvgPool2d) else "maxpool"
             elif isinstance(m, _PASS_MODULES):
                 kind = None
+            elif isinstance(m, nn.ZeroPad2d | nn.ConstantPad2d):  # part of the next layer's padding, as in GHN-2
+                h, kind = h + _pad_height(m.padding), None
             elif any(True for _ in m.parameters(recurse=False)):
                 raise UserError(f"GHN-Q cannot predict parameters of module '{fxn.target}' "
                                 f"({type(m).__name__}); supported: Conv2d, Linear, BatchNorm/LayerNorm/GroupNorm")
@@ -265,6 +275,8 @@ def extract_graph(model: nn.Module, gm: fx.GraphModule | None = None, input_hw: 
                 kind = "gap" if h == 1 else "avgpool"
             elif f in PASS_FUNCTIONS:
                 kind = None
+            elif f is F.pad:
+                h, kind = h + _pad_height(fxn.args[1] if len(fxn.args) > 1 else fxn.kwargs.get("pad", ())), None
             else:
                 kind = "other"
         elif fxn.op == "call_method":

@@ -159,3 +159,26 @@ class TorchPoolNet(nn.Module):
         x = F.avg_pool2d(x, 3, 1, 1)                   # a pad op (real 0), then a VALID average
         x = F.avg_pool2d(x, 4)                         # 4 → 1
         return self.fc(x.view(x.size(0), -1))
+
+
+class PadNet(nn.Module):
+    """Zero pads as TF-ported nets write them: a ZeroPad2d((0, 1, 0, 1)) before the stride-2 stem (TF "same"
+    padding, read straight from the image), F.pad on a map with negative values before a depthwise conv, and
+    ConstantPad2d(value 0) before a stride-2 conv; then a width-only F.pad before a max pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem_pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, stride=2), nn.BatchNorm2d(12), nn.ReLU())  # 33 → 16
+        self.expand = nn.Conv2d(12, 16, 1)  # no activation: the pad after it writes 0 among negative values
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, groups=16), nn.BatchNorm2d(16), nn.ReLU6())  # 18 → 16
+        self.down_pad = nn.ConstantPad2d((0, 1, 0, 1), 0.0)
+        self.down = nn.Sequential(nn.Conv2d(16, 24, 3, stride=2), nn.BatchNorm2d(24), nn.ReLU())  # 17 → 8
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(self.stem_pad(x))
+        x = self.dw(F.pad(self.expand(x), (1, 1, 1, 1)))
+        x = self.down(self.down_pad(x))
+        x = F.max_pool2d(F.pad(x, (1, 1)), 2)  # 8 × 10 → 4 × 5
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

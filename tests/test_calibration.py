@@ -504,6 +504,50 @@ def test_pools_as_user_code_writes_them(calib_images, test_images):
                      ("pad", [1, 1, 1, 1]), ("avg_pool2d", [0, 0, 0, 0]), ("mean", None)]
 
 
+def test_zero_pads_as_user_code_writes_them(calib_images, test_images):
+    """ZeroPad2d, ConstantPad2d(0) and F.pad are pad ops; a pad right on the image (TF-style "same" padding
+    before a stride-2 stem) takes the input normalization through to the conv, as the conv's own padding does."""
+    from tests.nets import PadNet
+
+    torch.manual_seed(0)
+    qm = _user_net_qm(PadNet(), calib_images, test_images)
+    pads = [op.attrs["padding"] for op in qm.ops if op.kind == "pad"]
+    assert pads == [[0, 1, 0, 1], [1, 1, 1, 1], [0, 1, 0, 1], [0, 0, 1, 1]]
+    assert qm.ops[0].kind == "pad" and qm.ops[0].inputs == [qm.input] and qm.ops[1].kind == "conv2d"
+
+
+@pytest.mark.parametrize("pad, match", [
+    (lambda x: F.pad(x, (1, 1, 1, 1), mode="reflect"), "pad mode 'reflect'"),
+    (nn.ConstantPad2d(1, 0.5), "pad value 0.5"),
+    (lambda x: F.pad(x, (1, 1, -1, 0)), r"no cropping"),
+    (lambda x: F.pad(x, (1, 1, 1, 1, 0, 0)), r"H and W only")])
+def test_pads_without_an_integer_form_are_refused(pad, match, calib_images):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 10)
+            self.pad = pad if isinstance(pad, nn.Module) else None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc((self.pad or pad)(self.conv(x)).mean((2, 3)))
+
+    with pytest.raises(UserError, match=match):
+        calibrate(Net(), calib_images[:8], progress=False)
+
+
+def test_a_pad_on_the_image_must_feed_convs(calib_images):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pad, self.conv, self.fc = nn.ZeroPad2d(1), nn.Conv2d(3, 4, 3), nn.Linear(4, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(F.max_pool2d(self.pad(x), 2)).mean((2, 3)))
+
+    with pytest.raises(UserError, match=r"'max_pool2d'.*directly or through a zero pad; found max_pool2d"):
+        calibrate(Net(), calib_images[:8], progress=False)
+
+
 @pytest.mark.parametrize("pool, match", [
     (nn.MaxPool2d(2, dilation=2), "MaxPool2d with dilation"),
     (nn.AvgPool2d(2, divisor_override=3), "AvgPool2d with divisor_override"),

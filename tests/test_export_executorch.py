@@ -33,7 +33,7 @@ from export import executorch as E
 from ghnq.cli import UserError, run_cli
 from ghnq.data import load_eval_images
 from ghnq.spec import build_model, load_spec
-from tests.nets import EluNet, FireNet, FlatNet, GroupNet, PickNet, ShuffleNet, SwishNet, TorchPoolNet
+from tests.nets import EluNet, FireNet, FlatNet, GroupNet, PadNet, PickNet, ShuffleNet, SwishNet, TorchPoolNet
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
@@ -75,7 +75,8 @@ def _random_init(model: nn.Module) -> nn.Module:
 def get(name: str) -> tuple[QuantizedModel, np.ndarray]:
     """(QM, real test images): seeded random weights, BN re-estimated, calibrated on 64 real train images."""
     nets = {"poolnet": PoolNet, "flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet,
-            "shufflenet": ShuffleNet, "picknet": PickNet, "elunet": EluNet, "torchpoolnet": TorchPoolNet}
+            "shufflenet": ShuffleNet, "picknet": PickNet, "elunet": EluNet, "torchpoolnet": TorchPoolNet,
+            "padnet": PadNet}
     model = nets[name]() if name in nets else build_model(load_spec(ROOT / "specs" / f"{name}.yaml"))
     calib, _, _ = load_eval_images(64, split="train", quiet=True)
     images, _, _ = load_eval_images(N_IMAGES, split="test", quiet=True)
@@ -88,7 +89,8 @@ def program(name: str) -> E.Program:
     return E.lower(get(name)[0])
 
 
-FAST = ["poolnet", "flatnet", "firenet", "swishnet", "groupnet", "shufflenet", "torchpoolnet", "tiny-mbv2"]
+FAST = ["poolnet", "flatnet", "firenet", "swishnet", "groupnet", "shufflenet", "torchpoolnet", "padnet",
+        "tiny-mbv2"]
 ALL = FAST + [pytest.param(s, marks=pytest.mark.slow) for s in SPECS if s not in FAST]
 
 

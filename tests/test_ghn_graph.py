@@ -32,6 +32,28 @@ def _models() -> list[tuple[str, nn.Module, int]]:
 MODELS = _models()
 
 
+def test_zero_pads_are_part_of_the_next_layers_padding() -> None:
+    """A pad is no node of its own (training nets have none; GHN-2's graphs fold padding into the conv), but it
+    widens the map: every layer's spatial size is torch's."""
+    from tests.nets import PadNet
+
+    model = PadNet()
+    seen: dict[str, int] = {}
+
+    def record(name: str) -> object:
+        return lambda m, i, o: seen.__setitem__(name, o.shape[-2])
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    model(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    g = extract_graph(model, input_hw=32)
+    assert {n.module: n.hw for n in g.nodes if n.module in seen} == seen == {
+        "stem.0": 16, "expand": 16, "dw.0": 16, "down.0": 8}
+    assert "other" not in {n.kind for n in g.nodes}
+    assert [n.kind for n in g.nodes[:2]] == ["input", "conv"]
+
+
 @pytest.mark.parametrize("name,model,hw", MODELS, ids=[m[0] for m in MODELS])
 def test_graph_covers_every_parameter(name: str, model: nn.Module, hw: int) -> None:
     g = extract_graph(model, input_hw=hw)
