@@ -45,13 +45,15 @@ from ghnq.cli import UserError
 from ghnq.data import MEAN, STD
 from ghnq.graph import POOL_FUNCTIONS, pool_arguments
 from ghnq.movement import ValueProp, advance, is_movement
+from ghnq.spelled import fold_spelled_activations
 
 SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d right after a Conv2d, ReLU, "
-             "ReLU6 (or Hardtanh(0, 6)), Hardswish, Sigmoid, SiLU, Tanh, LeakyReLU, ELU, GELU, Hardsigmoid right "
-             "after a Conv2d/Linear, tensor + tensor, "
+             "ReLU6 (or Hardtanh(0, 6)), Hardswish (or x * relu6(x + 3) / 6), Sigmoid, SiLU, Tanh, LeakyReLU, "
+             "ELU, GELU, Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, tensor + tensor, "
              "tensor * tensor, AdaptiveAvgPool2d(1), mean over H,W, MaxPool2d / AvgPool2d (modules or "
              "functions, ceil_mode, count_include_pad), ZeroPad2d / ConstantPad2d(value 0) / F.pad with zeros, "
-             "Flatten/flatten/reshape/view to [N, features] (read by Linear), torch.cat along channels, "
+             "Flatten/flatten/reshape/view to [N, features] (read by Linear) and back to [N, C, 1, 1], "
+             "torch.cat along channels, "
              "view/transpose/permute/chunk/split/indexing chains that select channels of a 4-D map (channel "
              "shuffles, chunks, slices), Identity, Dropout, StochasticDepth")
 FUSABLE = (*WEIGHTED_OPS, "add")
@@ -87,6 +89,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     except Exception as err:  # fx raises many types for untraceable Python control flow
         raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); "
                         f"supported: models built only from {SUPPORTED}") from None
+    fold_spelled_activations(graph, dict(model.named_modules()))  # relu6(x + 3) / 6 is a hardsigmoid
     return fx.GraphModule(model, graph)
 
 
@@ -417,8 +420,11 @@ def _mean(node: fx.Node, rest: list, kwargs: dict, fail) -> tuple[str, dict]:
 def _reshape(node: fx.Node, fail) -> tuple[str, dict]:
     src = node.args[0].meta["tensor_meta"].shape
     dst = node.meta["tensor_meta"].shape
+    if len(src) == 2 and list(dst) == [src[0], src[1], 1, 1]:  # a Linear squeeze-excite's gate back to a map
+        return "reshape", {"shape": [1, 1, 1, int(src[1])]}
     if len(dst) != 2 or int(np.prod(src[1:])) != int(dst[1]) or len(src) not in (2, 4):
-        raise fail(node, f"reshape {list(src)} → {list(dst)} (only a flatten to [N, features] is)")
+        raise fail(node, f"reshape {list(src)} → {list(dst)} (only a flatten to [N, features], and [N, C] → "
+                         f"[N, C, 1, 1], are)")
     if len(src) == 2 and list(src) == list(dst):
         return "alias", {}
     # The QM flattens in NHWC order; for H·W > 1 that differs from torch's NCHW order, and

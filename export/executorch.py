@@ -130,8 +130,9 @@ def check_supported(qm: QuantizedModel) -> None:
             if op.kind == "max_pool2d" and (s[0] > k[0] or s[1] > k[1]):
                 raise UserError(f"{_where(i, op)}: max pool stride {s} > kernel {k}; XNNPACK needs stride ≤ kernel")
             _pool_padding(op, qm.tensors[op.inputs[0]].shape[1:3], qm.tensors[op.outputs[0]].shape[1:3])
-        if op.kind == "reshape" and len(op.attrs["shape"]) != 2:
-            raise UserError(f"{_where(i, op)}: reshape to {op.attrs['shape']}; supported: [1, C] (flatten)")
+        if op.kind == "reshape" and not (len(op.attrs["shape"]) == 2 or op.attrs["shape"][:3] == [1, 1, 1]):
+            raise UserError(f"{_where(i, op)}: reshape to {op.attrs['shape']}; supported: [1, C] (flatten) and "
+                            "[1, 1, 1, C]")
 
 
 def _pool_padding(op: Op, in_hw: list[int], out_hw: list[int]) -> tuple[int, int, bool]:
@@ -242,7 +243,8 @@ class OpModule(nn.Module):
         elif k == "reshape":
             if x.dim() == 4:  # the QM flattens NHWC (what TFLite's RESHAPE does): H, W, C order
                 x = x.permute(0, 2, 3, 1)
-            y = x.reshape(x.shape[0], *a["shape"][1:])
+            shape = a["shape"][1:] if len(a["shape"]) == 2 else [a["shape"][3], 1, 1]  # [1, 1, 1, C]: NCHW here
+            y = x.reshape(x.shape[0], *shape)
         else:
             raise ValueError(k)
         fused = a.get("fused", "none")

@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from ghnq.cli import UserError
 from ghnq.movement import PASS_FUNCTIONS, PASS_METHODS, ValueProp, advance, is_movement
+from ghnq.spelled import fold_spelled_activations
 
 # Every op kind the GHN knows; the index is the embedding row. Append only (checkpoints depend on it).
 KINDS = ("input", "conv", "dwconv", "gconv", "se_conv", "linear", "classifier", "bn", "relu", "relu6",
@@ -151,10 +152,12 @@ def trace_graph(model: nn.Module) -> fx.Graph:
     """torch.fx symbolic trace, graph only: building a GraphModule (code generation) costs a third of the trace
     and prediction does not run the graph."""
     try:
-        return fx.Tracer().trace(model)
+        graph = fx.Tracer().trace(model)
     except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, ...
         raise UserError(f"GHN-Q cannot trace {type(model).__name__} with torch.fx (data-dependent control flow?): "
                         f"{type(err).__name__}: {str(err)[:160]}") from None
+    fold_spelled_activations(graph, dict(model.named_modules()))  # relu6(x + 3) / 6 is a hardsigmoid
+    return graph
 
 
 def extract_graph(model: nn.Module, gm: fx.GraphModule | None = None, input_hw: int | None = None) -> Graph:

@@ -516,6 +516,40 @@ def test_zero_pads_as_user_code_writes_them(calib_images, test_images):
     assert qm.ops[0].kind == "pad" and qm.ops[0].inputs == [qm.input] and qm.ops[1].kind == "conv2d"
 
 
+def test_spelled_hard_activations_and_a_linear_squeeze_excite(calib_images, test_images):
+    """MobileNetV3 as widely copied: relu6(x + 3) / 6 is a hardsigmoid fused into the layer before it,
+    x * relu6(x + 3) / 6 and x * h_sigmoid(x) are hardswish tables, and a Linear squeeze-excite's gate is viewed
+    back to a 1×1 map for the product. The float graph is the torch model (see _user_net_qm)."""
+    from tests.nets import SpelledNet
+
+    torch.manual_seed(0)
+    qm = _user_net_qm(SpelledNet(), calib_images, test_images)
+    kinds = [op.kind for op in qm.ops]
+    assert kinds.count("hardswish") == 2 and "add" not in kinds
+    assert [op.kind for op in qm.ops if op.attrs.get("fused") == "relu_0_to_1"] == ["fully_connected", "conv2d"]
+    assert [op.attrs["shape"] for op in qm.ops if op.kind == "reshape"] == [[1, 16], [1, 1, 1, 16], [1, 32]]
+
+
+class _SharedPlusThree(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x) + 3  # read twice: not only a hardsigmoid's inside
+        return self.fc((F.relu6(z) / 6 * z).mean((2, 3)))
+
+
+def test_a_spelled_activation_whose_inside_is_read_elsewhere_stays_arithmetic(calib_images):
+    from ghnq.spelled import fold_spelled_activations
+
+    model = _SharedPlusThree()
+    graph = torch.fx.Tracer().trace(model)
+    assert fold_spelled_activations(graph, dict(model.named_modules())) == 0
+    with pytest.raises(UserError, match=r"'add'.*constant operand"):
+        calibrate(model, calib_images[:8], progress=False)
+
+
 @pytest.mark.parametrize("pad, match", [
     (lambda x: F.pad(x, (1, 1, 1, 1), mode="reflect"), "pad mode 'reflect'"),
     (nn.ConstantPad2d(1, 0.5), "pad value 0.5"),

@@ -33,7 +33,18 @@ from export import executorch as E
 from ghnq.cli import UserError, run_cli
 from ghnq.data import load_eval_images
 from ghnq.spec import build_model, load_spec
-from tests.nets import EluNet, FireNet, FlatNet, GroupNet, PadNet, PickNet, ShuffleNet, SwishNet, TorchPoolNet
+from tests.nets import (
+    EluNet,
+    FireNet,
+    FlatNet,
+    GroupNet,
+    PadNet,
+    PickNet,
+    ShuffleNet,
+    SpelledNet,
+    SwishNet,
+    TorchPoolNet,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
@@ -76,7 +87,7 @@ def get(name: str) -> tuple[QuantizedModel, np.ndarray]:
     """(QM, real test images): seeded random weights, BN re-estimated, calibrated on 64 real train images."""
     nets = {"poolnet": PoolNet, "flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet,
             "shufflenet": ShuffleNet, "picknet": PickNet, "elunet": EluNet, "torchpoolnet": TorchPoolNet,
-            "padnet": PadNet}
+            "padnet": PadNet, "spellednet": SpelledNet}
     model = nets[name]() if name in nets else build_model(load_spec(ROOT / "specs" / f"{name}.yaml"))
     calib, _, _ = load_eval_images(64, split="train", quiet=True)
     images, _, _ = load_eval_images(N_IMAGES, split="test", quiet=True)
@@ -90,7 +101,7 @@ def program(name: str) -> E.Program:
 
 
 FAST = ["poolnet", "flatnet", "firenet", "swishnet", "groupnet", "shufflenet", "torchpoolnet", "padnet",
-        "tiny-mbv2"]
+        "spellednet", "tiny-mbv2"]
 ALL = FAST + [pytest.param(s, marks=pytest.mark.slow) for s in SPECS if s not in FAST]
 
 

@@ -26,7 +26,18 @@ from export import tflite as T
 from ghnq.cli import UserError, run_cli
 from ghnq.data import load_eval_images
 from ghnq.spec import build_model, load_spec
-from tests.nets import EluNet, FireNet, FlatNet, GroupNet, PadNet, PickNet, ShuffleNet, SwishNet, TorchPoolNet
+from tests.nets import (
+    EluNet,
+    FireNet,
+    FlatNet,
+    GroupNet,
+    PadNet,
+    PickNet,
+    ShuffleNet,
+    SpelledNet,
+    SwishNet,
+    TorchPoolNet,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
@@ -115,7 +126,8 @@ def _random_init(model: torch.nn.Module) -> None:
 
 
 NETS = {"flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet, "shufflenet": ShuffleNet,
-        "picknet": PickNet, "elunet": EluNet, "torchpoolnet": TorchPoolNet, "padnet": PadNet}
+        "picknet": PickNet, "elunet": EluNet, "torchpoolnet": TorchPoolNet, "padnet": PadNet,
+        "spellednet": SpelledNet}
 
 
 def net_qm(name: str) -> tuple[QuantizedModel, np.ndarray]:

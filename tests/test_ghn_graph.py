@@ -54,6 +54,14 @@ def test_zero_pads_are_part_of_the_next_layers_padding() -> None:
     assert [n.kind for n in g.nodes[:2]] == ["input", "conv"]
 
 
+def test_spelled_hard_activations_read_as_what_they_compute() -> None:
+    from tests.nets import SpelledNet
+
+    kinds = [n.kind for n in extract_graph(SpelledNet(), input_hw=32).nodes]
+    assert kinds.count("hardswish") == 2 and kinds.count("hardsigmoid") == 2
+    assert "add" not in kinds and "other" not in kinds
+
+
 @pytest.mark.parametrize("name,model,hw", MODELS, ids=[m[0] for m in MODELS])
 def test_graph_covers_every_parameter(name: str, model: nn.Module, hw: int) -> None:
     g = extract_graph(model, input_hw=hw)
