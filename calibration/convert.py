@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +31,7 @@ from torchvision.ops import stochastic_depth
 from tqdm import tqdm
 
 from calibration import observers
-from calibration.bn import fold_conv_bn
+from calibration.bn import fold_conv_bn, fold_weights
 from calibration.qmodel import (
     INPUT_SCALE,
     INPUT_ZERO_POINT,
@@ -47,7 +48,8 @@ from ghnq.graph import POOL_FUNCTIONS, pool_arguments
 from ghnq.movement import ValueProp, advance, is_movement
 from ghnq.spelled import fold_spelled_activations
 
-SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d right after a Conv2d, ReLU, "
+SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d (folded into a Conv2d before it, else a "
+             "1×1 depthwise conv), ReLU, "
              "ReLU6 (or Hardtanh(0, 6)), Hardswish (or x * relu6(x + 3) / 6), Sigmoid, SiLU, Tanh, LeakyReLU, "
              "ELU, GELU, Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, tensor + tensor, "
              "tensor * tensor, AdaptiveAvgPool2d(1), mean over H,W, MaxPool2d / AvgPool2d (modules or "
@@ -194,7 +196,7 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
         ins = [name_of[a] for a in nodes_read if a in name_of]
         mod = modules.get(node.target) if node.op == "call_module" else None
         target = node.target
-        kind, attrs = _lower(node, mod, target, fail)
+        kind, attrs = _lower(node, mod, target, fail, prop.values.get)
         src = node.target if node.op == "call_module" else node.name
         if kind == "alias":
             name_of[node] = ins[0]
@@ -207,8 +209,11 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
             shapes[padded] = [1, h + pre_pad[0] + pre_pad[1], w + pre_pad[2] + pre_pad[3], c]
             ins = [padded]
         if kind in WEIGHTED_OPS:
-            w = mod.weight.detach().float().clone()
-            b = mod.bias.detach().float().clone() if mod.bias is not None else torch.zeros(w.shape[0])
+            if isinstance(mod, nn.BatchNorm2d):  # the identity 1×1 depthwise conv with the BN folded in
+                w, b = fold_weights(torch.ones(mod.num_features, 1, 1, 1), None, mod)
+            else:
+                w = mod.weight.detach().float().clone()
+                b = mod.bias.detach().float().clone() if mod.bias is not None else torch.zeros(w.shape[0])
             for pname, p in (("weight", w), ("bias", b)):
                 if not torch.isfinite(p).all():
                     raise UserError(f"{node.target}.{pname}: weights contain NaN or Inf; refusing to quantize")
@@ -230,8 +235,10 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
     return FloatGraph(ops, params, {n: s for n, s in shapes.items() if n in used}, input_name, output_name)
 
 
-def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[str, dict]:
-    """(op kind or 'alias' / 'relu' / 'relu6' / 'hardsigmoid', attrs) for one fx node."""
+def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: Callable[[fx.Node], object]
+           ) -> tuple[str, dict]:
+    """(op kind or 'alias' / 'relu' / 'relu6' / 'hardsigmoid', attrs) for one fx node; `values` holds the
+    sizes computed in forward()."""
     args, kwargs = node.args, node.kwargs
     if mod is not None:
         if isinstance(mod, nn.Conv2d):
@@ -269,7 +276,13 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
         if isinstance(mod, nn.Flatten):
             return _reshape(node, fail)
         if isinstance(mod, nn.BatchNorm2d):
-            raise fail(node, "BatchNorm2d that does not directly follow a Conv2d (cannot be folded)")
+            # Not after a conv (pre-activation: BN → ReLU → conv, as in PreActResNet, DenseNet): its inference
+            # affine x · γ/σ + (β − μ·γ/σ) is a 1×1 depthwise conv, whose one weight per
+            # channel quantizes exactly at any bit width (code ±qmax, the scale carries the value).
+            if mod.running_mean is None or mod.running_var is None:
+                raise fail(node, "BatchNorm2d without running statistics (track_running_stats=False)")
+            return "depthwise_conv2d", {"stride": [1, 1], "padding": [0, 0, 0, 0], "dilation": [1, 1],
+                                        "fused": "none", "depth_multiplier": 1}
         raise fail(node, f"module {type(mod).__name__}")
     if node.op == "call_function":
         if target in (operator.add, torch.add):
@@ -299,7 +312,7 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail) -> tuple[
             if training is False:
                 return "alias", {}
         if target in POOL_FUNCTIONS:  # F.max_pool2d(x, 2), F.avg_pool2d(x, 4), torch.max_pool2d, ...
-            return _pool(node, *pool_arguments(node), fail)
+            return _pool(node, *pool_arguments(node, values=values), fail)
         if target is F.pad:  # F.pad(x, (left, right, top, bottom)): TF-style asymmetric "same" padding
             a = dict(zip(("input", "pad", "mode", "value"), args, strict=False)) | kwargs
             return _zero_pad(node, a["pad"], a.get("mode", "constant"), a.get("value"), fail)

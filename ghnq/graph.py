@@ -13,6 +13,7 @@ Spatial sizes are propagated arithmetically (a fake-tensor shape pass costs ~0.5
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -94,14 +95,25 @@ POOL_DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False
 POOL_FUNCTIONS = {F.max_pool2d: "max_pool2d", torch.max_pool2d: "max_pool2d", F.avg_pool2d: "avg_pool2d"}
 
 
-def pool_arguments(fxn: fx.Node, m: nn.Module | None = None) -> tuple[str, dict]:
-    """("max_pool2d" | "avg_pool2d", every argument by name) of a pool module call or function call."""
+def pool_arguments(fxn: fx.Node, m: nn.Module | None = None, values: Callable[[fx.Node], object] | None = None
+                   ) -> tuple[str, dict]:
+    """("max_pool2d" | "avg_pool2d", every argument by name) of a pool module call or function call. An argument
+    computed in forward (`F.avg_pool2d(x, x.size(2))`, SENet's global pool) is looked up in `values`; one it
+    does not know is a UserError."""
     if m is not None:
         kind = "max_pool2d" if isinstance(m, nn.MaxPool2d) else "avg_pool2d"
         return kind, {name: getattr(m, name) for name in POOL_ARGS[kind]}
     kind = POOL_FUNCTIONS[fxn.target]
     given = dict(zip(POOL_ARGS[kind], fxn.args[1:], strict=False))  # the positional ones, then the keywords
-    return kind, {**POOL_DEFAULTS, **given, **fxn.kwargs}
+
+    def value(a: fx.Node) -> object:
+        v = values(a) if values is not None else None
+        if v is None:
+            raise UserError(f"model node {fxn.name!r}: {kind} argument {a.name!r} is computed in forward() from "
+                            "something other than the input's size; give it as a number")
+        return v
+
+    return kind, fx.node.map_arg({**POOL_DEFAULTS, **given, **fxn.kwargs}, value)
 
 
 def pool_size(h: int, a: dict) -> int:
@@ -116,6 +128,22 @@ def pool_size(h: int, a: dict) -> int:
         return span // s + 1
     o = -(-span // s) + 1
     return o - 1 if (o - 1) * s >= h + p else o
+
+
+def _spatial_size(n: fx.Node, hw: dict[fx.Node, int]) -> int | None:
+    """The value of x.size(2|3), x.size(-1|-2), x.size()[2] or x.shape[2] from the graph's spatial sizes (nets are
+    square here); None for anything else."""
+    def dim(d: object) -> bool:
+        return isinstance(d, int) and d in (2, 3, -1, -2)
+
+    if n.op == "call_method" and n.target == "size" and len(n.args) == 2 and dim(n.args[1]):
+        return hw.get(n.args[0])
+    if n.op == "call_function" and n.target is operator.getitem and dim(n.args[1]) and isinstance(n.args[0], fx.Node):
+        src = n.args[0]
+        if (src.op == "call_method" and src.target == "size" and len(src.args) == 1) or (
+                src.op == "call_function" and src.target is getattr and src.args[1] == "shape"):
+            return hw.get(src.args[0])
+    return None
 
 
 def _pad_height(pad: object) -> int:
@@ -269,7 +297,7 @@ def extract_graph(model: nn.Module, gm: fx.GraphModule | None = None, input_hw: 
             elif f in (torch.cat, torch.concat):
                 kind = "cat"
             elif f in POOL_FUNCTIONS:
-                kind, args = pool_arguments(fxn)
+                kind, args = pool_arguments(fxn, values=lambda a: _spatial_size(a, hw))
                 h = pool_size(h, args)
                 kind = "avgpool" if kind == "avg_pool2d" else "maxpool"
             elif f in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):

@@ -228,3 +228,28 @@ class SpelledNet(nn.Module):
         x = self.down(x)
         x = x * ((self.gate(x.mean((2, 3), keepdim=True)) + 3).clamp(0, 6) / 6)
         return self.head(F.adaptive_avg_pool2d(x, 1).view(b, -1))
+
+
+class PreActNet(nn.Module):
+    """Pre-activation BN as PreActResNet and DenseNet write it: BN → ReLU → conv on a residual sum and on a
+    concat (no conv before the BN to fold it into), and SENet-style F.avg_pool2d(x, x.size(3)) whose kernel is
+    computed in forward()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1, self.conv1 = nn.BatchNorm2d(16), nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(16), nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn3, self.grow = nn.BatchNorm2d(16), nn.Conv2d(16, 8, 3, stride=2, padding=1, bias=False)
+        self.pool = nn.AvgPool2d(2)
+        self.bn4 = nn.BatchNorm2d(24)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        out = self.conv1(F.relu(self.bn1(x)))
+        x = self.conv2(F.relu(self.bn2(out))) + x           # pre-activation residual block
+        x = torch.cat([self.grow(F.relu(self.bn3(x))), self.pool(x)], 1)  # 16 → 8 spatial, 8 + 16 channels
+        x = F.relu(self.bn4(x))                              # BN on a concat
+        x = F.avg_pool2d(x, x.size(3))
+        return self.fc(x.view(x.size(0), -1))

@@ -530,6 +530,26 @@ def test_spelled_hard_activations_and_a_linear_squeeze_excite(calib_images, test
     assert [op.attrs["shape"] for op in qm.ops if op.kind == "reshape"] == [[1, 16], [1, 1, 1, 16], [1, 32]]
 
 
+def test_pre_activation_batchnorm_is_a_depthwise_conv(calib_images, test_images):
+    """A BN with no conv before it (BN → ReLU → conv) is its inference affine as a 1×1 depthwise conv with the
+    ReLU fused; SENet's F.avg_pool2d(x, x.size(3)) reads its kernel from the traced sizes."""
+    from tests.nets import PreActNet
+
+    torch.manual_seed(0)
+    model = PreActNet()
+    for m in model.modules():  # trained-looking statistics, not the defaults: the fold must carry them
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    qm = _user_net_qm(model, calib_images, test_images)
+    bns = [op for op in qm.ops if op.source.startswith("bn")]
+    assert [(op.source, op.kind, op.attrs["fused"]) for op in bns] == [  # bn2 follows conv1: folded into it
+        (bn, "depthwise_conv2d", "relu") for bn in ("bn1", "bn3", "bn4")]
+    for op in bns:  # one weight per channel: the code is ±127, the scale carries it
+        assert np.all(np.abs(qm.tensors[op.inputs[1]].data) == 127)
+    assert qm.ops[-3].kind == "mean"
+
+
 class _SharedPlusThree(nn.Module):
     def __init__(self) -> None:
         super().__init__()

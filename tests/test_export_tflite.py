@@ -33,6 +33,7 @@ from tests.nets import (
     GroupNet,
     PadNet,
     PickNet,
+    PreActNet,
     ShuffleNet,
     SpelledNet,
     SwishNet,
@@ -127,7 +128,7 @@ def _random_init(model: torch.nn.Module) -> None:
 
 NETS = {"flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet, "shufflenet": ShuffleNet,
         "picknet": PickNet, "elunet": EluNet, "torchpoolnet": TorchPoolNet, "padnet": PadNet,
-        "spellednet": SpelledNet}
+        "spellednet": SpelledNet, "preactnet": PreActNet}
 
 
 def net_qm(name: str) -> tuple[QuantizedModel, np.ndarray]:
