@@ -52,7 +52,8 @@ SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d (folde
              "1×1 depthwise conv), ReLU, "
              "ReLU6 (or Hardtanh(0, 6)), Hardswish (or x * relu6(x + 3) / 6), Sigmoid, SiLU, Tanh, LeakyReLU, "
              "ELU, GELU, Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, tensor + tensor, "
-             "tensor * tensor, AdaptiveAvgPool2d(1), mean over H,W, MaxPool2d / AvgPool2d (modules or "
+             "tensor * tensor, AdaptiveAvgPool2d / AdaptiveMaxPool2d (an output that divides the input), mean "
+             "over H,W, MaxPool2d / AvgPool2d (modules or "
              "functions, ceil_mode, count_include_pad), ZeroPad2d / ConstantPad2d(value 0) / F.pad with zeros, "
              "Flatten/flatten/reshape/view to [N, features] (read by Linear) and back to [N, C, 1, 1], "
              "torch.cat along channels, "
@@ -115,10 +116,6 @@ def _conv_padding(m: nn.Conv2d) -> list[int]:
 def _nhwc(shape: torch.Size) -> list[int]:
     s = [1, *shape[1:]]
     return [s[0], s[2], s[3], s[1]] if len(s) == 4 else s
-
-
-def _is_global_pool(output_size: object) -> bool:
-    return output_size in (1, (1, 1), [1, 1])
 
 
 def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
@@ -267,8 +264,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return "hardsigmoid", {}
         if isinstance(mod, nn.Identity | nn.Dropout):
             return "alias", {}
-        if isinstance(mod, nn.AdaptiveAvgPool2d) and _is_global_pool(mod.output_size):
-            return "mean", {"axes": [1, 2], "keepdims": True}
+        if isinstance(mod, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
+            return _adaptive_pool(node, isinstance(mod, nn.AdaptiveAvgPool2d), mod.output_size, fail)
         if isinstance(mod, nn.MaxPool2d | nn.AvgPool2d):
             return _pool(node, *pool_arguments(node, mod), fail)
         if isinstance(mod, nn.ZeroPad2d | nn.ConstantPad2d):
@@ -316,8 +313,9 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
         if target is F.pad:  # F.pad(x, (left, right, top, bottom)): TF-style asymmetric "same" padding
             a = dict(zip(("input", "pad", "mode", "value"), args, strict=False)) | kwargs
             return _zero_pad(node, a["pad"], a.get("mode", "constant"), a.get("value"), fail)
-        if target is F.adaptive_avg_pool2d and _is_global_pool(args[1] if len(args) > 1 else kwargs.get("output_size")):
-            return "mean", {"axes": [1, 2], "keepdims": True}
+        if target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+            size = args[1] if len(args) > 1 else kwargs.get("output_size")
+            return _adaptive_pool(node, target is F.adaptive_avg_pool2d, size, fail)
         if target is torch.mean:
             return _mean(node, list(args[1:]), kwargs, fail)
         if target in (torch.flatten, torch.reshape):
@@ -394,6 +392,23 @@ def _zero_pad(node: fx.Node, pad: object, mode: str, value: float | None, fail) 
                          f"(H and W only, no cropping)")
     left, right, top, bottom = [*pad, 0, 0][:4]
     return "pad", {"padding": [top, bottom, left, right]}
+
+
+def _adaptive_pool(node: fx.Node, average: bool, output_size: object, fail) -> tuple[str, dict]:
+    """An adaptive pool whose bins are all one size: the map itself (VGG's and AlexNet's AdaptiveAvgPool2d(7 or 6)
+    at 224 px), a global average (`mean`), or a pool with kernel = stride = input / output."""
+    _, _, h, w = node.args[0].meta["tensor_meta"].shape
+    size = [output_size] * 2 if isinstance(output_size, int) or output_size is None else list(output_size)
+    out = [int(o) if o is not None else i for o, i in zip(size, (h, w), strict=True)]
+    if average and out == [1, 1]:  # a mean even of a 1×1 map: ghnq.fakequant quantizes every global pool
+        return "mean", {"axes": [1, 2], "keepdims": True}
+    if out == [h, w]:
+        return "alias", {}
+    if h % out[0] or w % out[1]:
+        raise fail(node, f"adaptive pool of a {h}×{w} map to {out[0]}×{out[1]} (bins of unequal size; allowed: an "
+                         "output that divides the input)")
+    k = [h // out[0], w // out[1]]
+    return "avg_pool2d" if average else "max_pool2d", {"kernel": k, "stride": k, "padding": [0, 0, 0, 0]}
 
 
 def _gelu(node: fx.Node, approximate: str, fail) -> tuple[str, dict]:

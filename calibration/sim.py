@@ -499,8 +499,9 @@ def et_avg_pool(x: torch.Tensor, a: dict, s: float, zp: int) -> torch.Tensor:
 
     The window's taps are read column by column (XNNPACK's pooling indirection buffer), padded taps are 0.0,
     summed in the 9-tap microkernel's tree order ((v0+v1)+v8)+(v6+v7) added to (v2+v3)+(v4+v5), then multiplied
-    by float32(1 / in-range count) (the pixelwise multiplier). Windows of more than 9 taps run XNNPACK's
-    multipass kernel, which this does not model: there it sums in tap order (not measured)."""
+    by float32(1 / in-range count) (the pixelwise multiplier). A window of more than 9 taps runs the same kernel
+    in passes (XNNPACK's f32-avgpool "9p" microkernels): each pass sums its next 9 taps in that tree order (0.0
+    for the taps past the end) and adds the sum to the previous passes' total."""
     n, c, h, w = x.shape
     kh, kw = a["kernel"]
     t, b, left, r = a.get("padding", [0, 0, 0, 0])
@@ -509,13 +510,12 @@ def et_avg_pool(x: torch.Tensor, a: dict, s: float, zp: int) -> torch.Tensor:
     taps = cols.view(n, c, kh, kw, -1).transpose(2, 3).reshape(n, c, kh * kw, -1)  # column-major taps
     ones = F.unfold(F.pad(torch.ones(1, 1, h, w, device=x.device), (left, r, t, b)), (kh, kw), stride=a["stride"])
     mult = 1.0 / ones.sum(1).to(torch.float32)  # [1, L], float32 division, as XNNPACK fills its multiplier buffer
-    if kh * kw <= 9:
-        v = list(taps.unbind(2)) + [torch.zeros_like(taps[:, :, 0])] * (9 - kh * kw)
-        total = ((v[2] + v[3]) + (v[4] + v[5])) + (((v[0] + v[1]) + v[8]) + (v[6] + v[7]))
-    else:
-        total = taps[:, :, 0]
-        for i in range(1, kh * kw):
-            total = total + taps[:, :, i]
+    total = None
+    for first in range(0, kh * kw, 9):  # one pass per 9 taps, each added to the previous passes' sum
+        v = list(taps[:, :, first:first + 9].unbind(2))
+        v += [torch.zeros_like(v[0])] * (9 - len(v))
+        part = ((v[2] + v[3]) + (v[4] + v[5])) + (((v[0] + v[1]) + v[8]) + (v[6] + v[7]))
+        total = part if total is None else total + part  # the first pass adds its sum to 0.0: exact
     oh = (h + t + b - kh) // a["stride"][0] + 1
     ow = (w + left + r - kw) // a["stride"][1] + 1
     return _et_quantize((total * mult).view(n, c, oh, ow), s, zp)

@@ -232,8 +232,8 @@ class SpelledNet(nn.Module):
 
 class PreActNet(nn.Module):
     """Pre-activation BN as PreActResNet and DenseNet write it: BN → ReLU → conv on a residual sum and on a
-    concat (no conv before the BN to fold it into), and SENet-style F.avg_pool2d(x, x.size(3)) whose kernel is
-    computed in forward()."""
+    concat (no conv before the BN to fold it into); adaptive pools whose bins are equal, and a pool whose kernel
+    and stride are computed in forward() (SENet's F.avg_pool2d(x, x.size(3)))."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -243,6 +243,7 @@ class PreActNet(nn.Module):
         self.bn3, self.grow = nn.BatchNorm2d(16), nn.Conv2d(16, 8, 3, stride=2, padding=1, bias=False)
         self.pool = nn.AvgPool2d(2)
         self.bn4 = nn.BatchNorm2d(24)
+        self.adapt = nn.AdaptiveAvgPool2d(4)
         self.fc = nn.Linear(24, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -251,5 +252,25 @@ class PreActNet(nn.Module):
         x = self.conv2(F.relu(self.bn2(out))) + x           # pre-activation residual block
         x = torch.cat([self.grow(F.relu(self.bn3(x))), self.pool(x)], 1)  # 16 → 8 spatial, 8 + 16 channels
         x = F.relu(self.bn4(x))                              # BN on a concat
-        x = F.avg_pool2d(x, x.size(3))
+        x = F.adaptive_max_pool2d(self.adapt(x), (2, None))  # 16 → 4 (average), 4 × 4 → 2 × 4 (max)
+        x = F.avg_pool2d(x, x.size(2), x.size(3))            # 2 × 4 → 1 (a 2 × 2 window, stride 4)
         return self.fc(x.view(x.size(0), -1))
+
+
+class WidePoolNet(nn.Module):
+    """Average pools of more than 9 taps at many output positions (XNNPACK runs them in passes of 9 in
+    ExecuTorch): 4×4 with stride 2 and padding, 5×5 (three passes) whose border windows count fewer taps, and an
+    unequal 3×5 window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool4 = nn.AvgPool2d(4, 2, 1, count_include_pad=False)  # 32 → 16
+        self.mix = nn.Conv2d(8, 12, 1)  # no activation: the pools see negative values
+        self.pool5 = nn.AvgPool2d(5, 1, 2, count_include_pad=False)  # 16 → 16, 9 to 25 taps in range
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool5(self.mix(self.pool4(self.stem(x))))
+        x = F.avg_pool2d(x, (3, 5), stride=(2, 3))  # 16 × 16 → 7 × 4
+        return self.fc(x.mean((2, 3)))

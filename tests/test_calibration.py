@@ -547,7 +547,29 @@ def test_pre_activation_batchnorm_is_a_depthwise_conv(calib_images, test_images)
         (bn, "depthwise_conv2d", "relu") for bn in ("bn1", "bn3", "bn4")]
     for op in bns:  # one weight per channel: the code is ±127, the scale carries it
         assert np.all(np.abs(qm.tensors[op.inputs[1]].data) == 127)
-    assert qm.ops[-3].kind == "mean"
+    pools = [(op.kind, op.attrs.get("kernel"), op.attrs.get("stride")) for op in qm.ops if "pool" in op.kind]
+    assert pools == [("avg_pool2d", [2, 2], [2, 2]), ("avg_pool2d", [4, 4], [4, 4]), ("max_pool2d", [2, 1], [2, 1]),
+                     ("avg_pool2d", [2, 2], [4, 4])]
+
+
+@pytest.mark.parametrize("size, ok", [(4, True), ((8, None), True), (3, False)])
+def test_adaptive_pools_with_equal_bins(size, ok, calib_images, test_images):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.pool = nn.Conv2d(3, 4, 3, stride=4, padding=1), nn.AdaptiveAvgPool2d(size)
+            self.fc = nn.Linear(4 * {4: 16, 3: 9}.get(size, 64), 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.flatten(self.pool(self.conv(x)), 1))
+
+    if ok:
+        torch.manual_seed(0)
+        kinds = [op.kind for op in _user_net_qm(Net(), calib_images, test_images).ops]
+        assert kinds == (["conv2d", "avg_pool2d"] if size == 4 else ["conv2d"]) + ["reshape", "fully_connected"]
+    else:
+        with pytest.raises(UserError, match=r"adaptive pool of a 8×8 map to 3×3 \(bins of unequal size"):
+            calibrate(Net(), calib_images[:8], progress=False)
 
 
 class _SharedPlusThree(nn.Module):

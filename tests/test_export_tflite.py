@@ -38,6 +38,7 @@ from tests.nets import (
     SpelledNet,
     SwishNet,
     TorchPoolNet,
+    WidePoolNet,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +129,8 @@ def _random_init(model: torch.nn.Module) -> None:
 
 NETS = {"flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet, "shufflenet": ShuffleNet,
         "picknet": PickNet, "elunet": EluNet, "torchpoolnet": TorchPoolNet, "padnet": PadNet,
-        "spellednet": SpelledNet, "preactnet": PreActNet}
+        "spellednet": SpelledNet, "preactnet": PreActNet,
+        "widepoolnet": WidePoolNet}
 
 
 def net_qm(name: str) -> tuple[QuantizedModel, np.ndarray]:
