@@ -60,6 +60,8 @@ SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d (folde
              "view/transpose/permute/chunk/split/indexing chains that select channels of a 4-D map (channel "
              "shuffles, chunks, slices), Identity, Dropout, StochasticDepth")
 FUSABLE = (*WEIGHTED_OPS, "add")
+# Ops that commute with relu / relu6 (they move or pick values, a max keeps order, a pad writes real 0)
+CLAMP_COMMUTES = ("max_pool2d", "pad", "reshape", "gather")
 SHARES_INPUT_QPARAMS = ("max_pool2d", "avg_pool2d", "pad", "reshape", "gather")
 
 
@@ -502,12 +504,27 @@ def _fuse_activations(ops: list[Op], params: dict[str, torch.Tensor]) -> list[Op
         src = op.inputs[0]
         p = producer.get(src)
         allowed = WEIGHTED_OPS if op.kind == "hardsigmoid" else FUSABLE
+        # relu / relu6 after ops that commute with a clamp (LeNet's F.relu(F.max_pool2d(conv(x), 2))): fused into
+        # the op before them, which then hand on clamped values; the chain's last op writes the relu's output.
+        chain, bottom = [], src
+        while op.kind != "hardsigmoid" and p is not None and p.kind in CLAMP_COMMUTES and consumers.get(bottom) == 1:
+            chain.append(p)
+            bottom = p.inputs[0]
+            p = producer.get(bottom)
+        if chain and p is not None and p.kind in allowed and p.attrs.get("fused") == "none" and \
+                consumers.get(bottom) == 1:
+            p.attrs["fused"] = op.kind
+            chain[0].outputs = list(op.outputs)
+            producer[op.outputs[0]] = chain[0]
+            continue
+        p = producer.get(src)
         if p is None or p.kind not in allowed or p.attrs.get("fused") != "none" or consumers.get(src, 0) != 1:
             what = "hardsigmoid" if op.kind == "hardsigmoid" else op.kind
             raise UserError(f"model node {op.source!r}: {what} after {p.kind if p else 'the input'} "
                             f"{'(whose output has other users)' if consumers.get(src, 0) > 1 else ''}cannot be "
                             f"fused; {what} is supported only directly after one of {', '.join(allowed)} "
-                            f"with no other user of that output")
+                            f"(or after {', '.join(CLAMP_COMMUTES)} that follow one) with no other user of that "
+                            f"output")
         if op.kind == "hardsigmoid":
             # relu6(z + 3) / 6 = clamp((z + 3) / 6, 0, 1): scale the producer's float weights and bias
             wk, bk = p.inputs[1], p.inputs[2]

@@ -572,6 +572,29 @@ def test_adaptive_pools_with_equal_bins(size, ok, calib_images, test_images):
             calibrate(Net(), calib_images[:8], progress=False)
 
 
+class _ReluAfterPool(nn.Module):
+    """LeNet as the old PyTorch examples write it: the ReLU after the max pool (and a ReLU6 after a zero pad and a
+    flatten)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 5), nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2 = nn.Linear(16 * 5 * 5, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))      # 32 → 28 → 14
+        x = F.max_pool2d(F.relu6(F.pad(self.conv2(x), (0, 1, 0, 1))), 2)  # 14 → 10 → 11 → 5
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+
+def test_a_relu_after_ops_that_commute_with_it_fuses_into_the_layer_before(calib_images, test_images):
+    torch.manual_seed(0)
+    qm = _user_net_qm(_ReluAfterPool(), calib_images, test_images)
+    assert [(op.kind, op.attrs.get("fused")) for op in qm.ops] == [
+        ("conv2d", "relu"), ("max_pool2d", None), ("conv2d", "relu6"), ("pad", None), ("max_pool2d", None),
+        ("reshape", None), ("fully_connected", "relu"), ("fully_connected", "none")]
+
+
 class _SharedPlusThree(nn.Module):
     def __init__(self) -> None:
         super().__init__()
