@@ -1,9 +1,11 @@
 """Hard activations spelled out in arithmetic, recognized as the torch functions they equal.
 
 Widely copied MobileNetV3 code writes them by hand: `h_sigmoid(x) = relu6(x + 3) / 6` and
-`h_swish(x) = x * h_sigmoid(x)` (or `x * relu6(x + 3) / 6`). Traced with torch.fx these are an add of a constant,
-a clamp, a division and a product, none of which has an integer form of its own, while F.hardsigmoid and
-F.hardswish do (a fused clamp, an int8 table). `fold_spelled_activations` rewrites an fx graph in place so that
+`h_swish(x) = x * h_sigmoid(x)` (or `x * relu6(x + 3) / 6`); EfficientNet code writes swish as `x * x.sigmoid()`,
+and a ReLU6 or ReLU is often `x.clamp(0, 6)` or `x.clamp(min=0)`. Traced with torch.fx these are an add of a constant,
+a clamp, a division and a product, none of which has an integer form of its own (swish: a sigmoid table, then a
+product requantized again), while F.hardsigmoid, F.hardswish, F.silu, F.relu6 and F.relu do (a fused clamp, one
+int8 table). `fold_spelled_activations` rewrites an fx graph in place so that
 calibration lowers, and GHN-Q's graph reads, what the model means. The rewrite is exact in real arithmetic and
 within a float32 rounding of the original.
 
@@ -53,27 +55,41 @@ def _plus_three(n: object) -> fx.Node | None:
     return x if isinstance(x, fx.Node) and _number(c) == 3.0 else None
 
 
-def _relu6_input(n: object, modules: dict[str, nn.Module]) -> fx.Node | None:
-    """x for a single-use relu6(x) in any of its spellings."""
-    if not _single_use(n):
-        return None
-    bounds: tuple = ()
+def _is_clamp(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in (torch.clamp, torch.clip)) or (
+        n.op == "call_method" and n.target in ("clamp", "clamp_", "clip", "clip_"))
+
+
+def _clamp_bounds(n: fx.Node, modules: dict[str, nn.Module]) -> tuple:
+    """(lo, hi) of a clamp in any spelling (None for an open side), () for anything else."""
     if n.op == "call_module":
         m = modules.get(n.target)
         if isinstance(m, nn.ReLU6):
-            bounds = (0.0, 6.0)
-        elif isinstance(m, nn.Hardtanh):
-            bounds = (m.min_val, m.max_val)
-    elif n.op == "call_function" and n.target is F.relu6:
-        bounds = (0.0, 6.0)
-    elif (n.op == "call_function" and n.target in (F.hardtanh, torch.clamp, torch.clip)) or (
-            n.op == "call_method" and n.target in ("clamp", "clamp_", "clip", "clip_")):
+            return (0.0, 6.0)
+        return (m.min_val, m.max_val) if isinstance(m, nn.Hardtanh) else ()
+    if n.op == "call_function" and n.target is F.relu6:
+        return (0.0, 6.0)
+    if _is_clamp(n) or (n.op == "call_function" and n.target is F.hardtanh):
         names = ("min_val", "max_val") if n.target is F.hardtanh else ("min", "max")
         rest = list(n.args[1:3]) + [None] * (2 - len(n.args[1:3]))
-        bounds = tuple(_number(rest[i] if rest[i] is not None else n.kwargs.get(names[i])) for i in range(2))
-    if bounds != (0.0, 6.0) or not n.args or not isinstance(n.args[0], fx.Node):
+        return tuple(_number(rest[i] if rest[i] is not None else n.kwargs.get(names[i])) for i in range(2))
+    return ()
+
+
+def _relu6_input(n: object, modules: dict[str, nn.Module]) -> fx.Node | None:
+    """x for a single-use relu6(x) in any of its spellings."""
+    if not _single_use(n) or _clamp_bounds(n, modules) != (0.0, 6.0):
         return None
-    return n.args[0]
+    return n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+
+
+def _sigmoid_input(n: object, modules: dict[str, nn.Module]) -> fx.Node | None:
+    """x for a single-use sigmoid(x): nn.Sigmoid, torch.sigmoid, F.sigmoid or x.sigmoid()."""
+    if _single_use(n) and ((n.op == "call_module" and isinstance(modules.get(n.target), nn.Sigmoid)) or (
+            n.op == "call_function" and n.target in (torch.sigmoid, F.sigmoid)) or (
+            n.op == "call_method" and n.target in ("sigmoid", "sigmoid_"))):
+        return n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    return None
 
 
 def _over_six(n: fx.Node) -> object | None:
@@ -132,8 +148,9 @@ def _replace(graph: fx.Graph, n: fx.Node, function: object, x: fx.Node, gone: se
 
 
 def fold_spelled_activations(graph: fx.Graph, modules: dict[str, nn.Module]) -> int:
-    """Rewrite relu6(x + 3) / 6 → F.hardsigmoid(x), and x * hardsigmoid(x) or x * relu6(x + 3) / 6 →
-    F.hardswish(x), in place. Returns how many were rewritten."""
+    """Rewrite relu6(x + 3) / 6 → F.hardsigmoid(x); x * hardsigmoid(x) or x * relu6(x + 3) / 6 → F.hardswish(x);
+    x * sigmoid(x) → F.silu(x); x.clamp(0, 6) → F.relu6(x), x.clamp(min=0) → F.relu(x); in place. Returns how many
+    were rewritten."""
     gone: set[fx.Node] = set()
     count = 0
     for n in list(graph.nodes):  # first the divisions: x * relu6(x + 3) / 6 and relu6(x + 3) / 6
@@ -149,11 +166,21 @@ def fold_spelled_activations(graph: fx.Graph, modules: dict[str, nn.Module]) -> 
         elif (x := _spelled_hardsigmoid(n, modules)) is not None:
             _replace(graph, n, F.hardsigmoid, x, gone)
             count += 1
-    for n in list(graph.nodes):  # then x * hardsigmoid(x), the hardsigmoid in any spelling
-        ab = _binary(n, MULS, ("mul", "mul_")) if n not in gone else None
-        x = next((a for a, b in (ab, ab[::-1]) if isinstance(a, fx.Node)
-                  and _hardsigmoid_input(b, modules) is a), None) if ab else None
-        if x is not None:
-            _replace(graph, n, F.hardswish, x, gone)
-            count += 1
+    for n in list(graph.nodes):  # then x * hardsigmoid(x), x * sigmoid(x), and the clamps left
+        if n in gone:
+            continue
+        ab = _binary(n, MULS, ("mul", "mul_"))
+        for inner, function in ((_hardsigmoid_input, F.hardswish), (_sigmoid_input, F.silu)):
+            x = next((a for a, b in (ab, ab[::-1]) if isinstance(a, fx.Node) and inner(b, modules) is a),
+                     None) if ab else None
+            if x is not None:
+                _replace(graph, n, function, x, gone)
+                count += 1
+                break
+        else:
+            bounds = _clamp_bounds(n, modules) if _is_clamp(n) and isinstance(n.args[0], fx.Node) else ()
+            function = {(0.0, 6.0): F.relu6, (0.0, None): F.relu}.get(bounds)
+            if function is not None:
+                _replace(graph, n, function, n.args[0], gone)
+                count += 1
     return count

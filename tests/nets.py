@@ -205,13 +205,14 @@ class HSwish(nn.Module):
 
 
 class SpelledNet(nn.Module):
-    """Hard activations spelled out (x * relu6(x + 3) / 6, relu6(x + 3) / 6 in modules, (z + 3).clamp(0, 6) / 6)
-    and a squeeze-excite of Linear layers on the pooled vector, viewed back to [N, C, 1, 1] for the product."""
+    """Activations spelled out (x * relu6(x + 3) / 6, relu6(x + 3) / 6 in modules, (z + 3).clamp(0, 6) / 6,
+    x * x.sigmoid(), x.clamp(min=0)) and a squeeze-excite of Linear layers on the pooled vector, viewed back to
+    [N, C, 1, 1] for the product."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), HSwish())
-        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False), nn.BatchNorm2d(16))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Sequential(nn.Linear(16, 4), nn.ReLU(inplace=True), nn.Linear(4, 16), HSigmoid())
         self.pw = nn.Sequential(nn.Conv2d(16, 24, 1, bias=False), nn.BatchNorm2d(24))
@@ -220,12 +221,13 @@ class SpelledNet(nn.Module):
         self.head = nn.Sequential(nn.Linear(32, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dw(self.stem(x))
+        x = self.dw(self.stem(x)).clamp(min=0)  # a ReLU spelled as a clamp
         b, c, _, _ = x.size()
         x = x * self.fc(self.pool(x).view(b, c)).view(b, c, 1, 1)
         x = self.pw(x)
         x = x * F.relu6(x + 3.0) / 6.0
         x = self.down(x)
+        x = x * x.sigmoid()  # swish as EfficientNet code writes it
         x = x * ((self.gate(x.mean((2, 3), keepdim=True)) + 3).clamp(0, 6) / 6)
         return self.head(F.adaptive_avg_pool2d(x, 1).view(b, -1))
 

@@ -518,14 +518,16 @@ def test_zero_pads_as_user_code_writes_them(calib_images, test_images):
 
 def test_spelled_hard_activations_and_a_linear_squeeze_excite(calib_images, test_images):
     """MobileNetV3 as widely copied: relu6(x + 3) / 6 is a hardsigmoid fused into the layer before it,
-    x * relu6(x + 3) / 6 and x * h_sigmoid(x) are hardswish tables, and a Linear squeeze-excite's gate is viewed
-    back to a 1×1 map for the product. The float graph is the torch model (see _user_net_qm)."""
+    x * relu6(x + 3) / 6 and x * h_sigmoid(x) are hardswish tables, x * x.sigmoid() one silu table, x.clamp(min=0)
+    a fused relu, and a Linear squeeze-excite's gate is viewed back to a 1×1 map for the product. The float graph
+    is the torch model (see _user_net_qm)."""
     from tests.nets import SpelledNet
 
     torch.manual_seed(0)
     qm = _user_net_qm(SpelledNet(), calib_images, test_images)
     kinds = [op.kind for op in qm.ops]
-    assert kinds.count("hardswish") == 2 and "add" not in kinds
+    assert kinds.count("hardswish") == 2 and kinds.count("silu") == 1 and not {"add", "sigmoid"} & set(kinds)
+    assert qm.ops[2].kind == "depthwise_conv2d" and qm.ops[2].attrs["fused"] == "relu"  # the clamp(min=0)
     assert [op.kind for op in qm.ops if op.attrs.get("fused") == "relu_0_to_1"] == ["fully_connected", "conv2d"]
     assert [op.attrs["shape"] for op in qm.ops if op.kind == "reshape"] == [[1, 16], [1, 1, 1, 16], [1, 32]]
 

@@ -58,8 +58,9 @@ def test_spelled_hard_activations_read_as_what_they_compute() -> None:
     from tests.nets import SpelledNet
 
     kinds = [n.kind for n in extract_graph(SpelledNet(), input_hw=32).nodes]
-    assert kinds.count("hardswish") == 2 and kinds.count("hardsigmoid") == 2
-    assert "add" not in kinds and "other" not in kinds
+    assert kinds.count("hardswish") == 2 and kinds.count("hardsigmoid") == 2 and kinds.count("silu") == 1
+    assert kinds[:6] == ["input", "conv", "bn", "hardswish", "dwconv", "bn"] and kinds[6] == "relu"  # the clamp
+    assert not {"add", "other", "sigmoid"} & set(kinds)
 
 
 @pytest.mark.parametrize("name,model,hw", MODELS, ids=[m[0] for m in MODELS])
