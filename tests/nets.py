@@ -276,3 +276,10 @@ class WidePoolNet(nn.Module):
         x = self.pool5(self.mix(self.pool4(self.stem(x))))
         x = F.avg_pool2d(x, (3, 5), stride=(2, 3))  # 16 × 16 → 7 × 4
         return self.fc(x.mean((2, 3)))
+
+
+# Every net above by its test id (the exporter tests' parameter lists).
+USER_NETS: dict[str, type[nn.Module]] = {
+    "flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet, "shufflenet": ShuffleNet,
+    "picknet": PickNet, "elunet": EluNet, "torchpoolnet": TorchPoolNet, "padnet": PadNet, "spellednet": SpelledNet,
+    "preactnet": PreActNet, "widepoolnet": WidePoolNet}

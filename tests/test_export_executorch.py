@@ -33,20 +33,7 @@ from export import executorch as E
 from ghnq.cli import UserError, run_cli
 from ghnq.data import load_eval_images
 from ghnq.spec import build_model, load_spec
-from tests.nets import (
-    EluNet,
-    FireNet,
-    FlatNet,
-    GroupNet,
-    PadNet,
-    PickNet,
-    PreActNet,
-    ShuffleNet,
-    SpelledNet,
-    SwishNet,
-    TorchPoolNet,
-    WidePoolNet,
-)
+from tests.nets import USER_NETS
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
@@ -87,10 +74,7 @@ def _random_init(model: nn.Module) -> nn.Module:
 @cache
 def get(name: str) -> tuple[QuantizedModel, np.ndarray]:
     """(QM, real test images): seeded random weights, BN re-estimated, calibrated on 64 real train images."""
-    nets = {"poolnet": PoolNet, "flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet,
-            "shufflenet": ShuffleNet, "picknet": PickNet, "elunet": EluNet, "torchpoolnet": TorchPoolNet,
-            "padnet": PadNet, "spellednet": SpelledNet, "preactnet": PreActNet,
-            "widepoolnet": WidePoolNet}
+    nets = {"poolnet": PoolNet, **USER_NETS}
     model = nets[name]() if name in nets else build_model(load_spec(ROOT / "specs" / f"{name}.yaml"))
     calib, _, _ = load_eval_images(64, split="train", quiet=True)
     images, _, _ = load_eval_images(N_IMAGES, split="test", quiet=True)

@@ -26,20 +26,7 @@ from export import tflite as T
 from ghnq.cli import UserError, run_cli
 from ghnq.data import load_eval_images
 from ghnq.spec import build_model, load_spec
-from tests.nets import (
-    EluNet,
-    FireNet,
-    FlatNet,
-    GroupNet,
-    PadNet,
-    PickNet,
-    PreActNet,
-    ShuffleNet,
-    SpelledNet,
-    SwishNet,
-    TorchPoolNet,
-    WidePoolNet,
-)
+from tests.nets import USER_NETS
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
@@ -127,15 +114,9 @@ def _random_init(model: torch.nn.Module) -> None:
             m.reset_parameters()
 
 
-NETS = {"flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet, "shufflenet": ShuffleNet,
-        "picknet": PickNet, "elunet": EluNet, "torchpoolnet": TorchPoolNet, "padnet": PadNet,
-        "spellednet": SpelledNet, "preactnet": PreActNet,
-        "widepoolnet": WidePoolNet}
-
-
 def net_qm(name: str) -> tuple[QuantizedModel, np.ndarray]:
     """A user-style nn.Module of tests/nets.py, seeded random weights, calibrated like the specs."""
-    model = NETS[name]()
+    model = USER_NETS[name]()
     _random_init(model)
     images, _, _ = load_eval_images(48, quiet=True)
     qm = calibrate(model, images[:32], bn_recalibrate=True, progress=False, meta={"name": name})
@@ -143,11 +124,11 @@ def net_qm(name: str) -> tuple[QuantizedModel, np.ndarray]:
 
 
 def models() -> list:
-    return [pytest.param(s, id=s) for s in ("hand", *NETS, *SPECS)]
+    return [pytest.param(s, id=s) for s in ("hand", *USER_NETS, *SPECS)]
 
 
 def get(name: str) -> tuple[QuantizedModel, np.ndarray]:
-    if name in NETS:
+    if name in USER_NETS:
         return net_qm(name)
     return hand_qm() if name == "hand" else spec_qm(name)
 
