@@ -487,6 +487,23 @@ def _flatten_to_nhwc(ops: list[Op], params: dict[str, torch.Tensor], shapes: dic
             params[wk] = params[wk].reshape(out_features, c, h, w).permute(0, 2, 3, 1).reshape(out_features, -1)
 
 
+def _clamp_targets(t: str, producer: dict[str, Op], consumers: dict[str, int]) -> list[Op] | None:
+    """The layers a relu / relu6 of tensor `t` can fuse into: its producer, or through ops that commute with the
+    clamp (CLAMP_COMMUTES, and a concat: each of its inputs) the layers before them. None where some path does not
+    end in a layer with no fused activation, or a tensor on the way has another reader."""
+    q = producer.get(t)
+    if q is None or consumers.get(t) != 1:
+        return None
+    if q.kind in FUSABLE and q.attrs.get("fused") == "none":
+        return [q]
+    if q.kind in CLAMP_COMMUTES:
+        return _clamp_targets(q.inputs[0], producer, consumers)
+    if q.kind == "concat":
+        parts = [_clamp_targets(i, producer, consumers) for i in q.inputs]
+        return None if any(p is None for p in parts) else [op for p in parts for op in p]
+    return None
+
+
 def _fuse_activations(ops: list[Op], params: dict[str, torch.Tensor]) -> list[Op]:
     """Fuse relu / relu6 / hardsigmoid pseudo-ops into the op that produces their input."""
     out: list[Op] = []
@@ -504,35 +521,28 @@ def _fuse_activations(ops: list[Op], params: dict[str, torch.Tensor]) -> list[Op
         src = op.inputs[0]
         p = producer.get(src)
         allowed = WEIGHTED_OPS if op.kind == "hardsigmoid" else FUSABLE
-        # relu / relu6 after ops that commute with a clamp (LeNet's F.relu(F.max_pool2d(conv(x), 2))): fused into
-        # the op before them, which then hand on clamped values; the chain's last op writes the relu's output.
-        chain, bottom = [], src
-        while op.kind != "hardsigmoid" and p is not None and p.kind in CLAMP_COMMUTES and consumers.get(bottom) == 1:
-            chain.append(p)
-            bottom = p.inputs[0]
-            p = producer.get(bottom)
-        if chain and p is not None and p.kind in allowed and p.attrs.get("fused") == "none" and \
-                consumers.get(bottom) == 1:
-            p.attrs["fused"] = op.kind
-            chain[0].outputs = list(op.outputs)
-            producer[op.outputs[0]] = chain[0]
+        # relu / relu6 after ops that commute with a clamp (LeNet's F.relu(F.max_pool2d(conv(x), 2)), DPN's
+        # F.relu(torch.cat(...))): fused into the layers before them, which then hand on clamped values; the op
+        # that made the relu's input writes the relu's output.
+        targets = _clamp_targets(src, producer, consumers) if op.kind != "hardsigmoid" else None
+        if targets:
+            for t in targets:
+                t.attrs["fused"] = op.kind
+            producer[src].outputs = list(op.outputs)
+            producer[op.outputs[0]] = producer[src]
             continue
-        p = producer.get(src)
         if p is None or p.kind not in allowed or p.attrs.get("fused") != "none" or consumers.get(src, 0) != 1:
             what = "hardsigmoid" if op.kind == "hardsigmoid" else op.kind
             raise UserError(f"model node {op.source!r}: {what} after {p.kind if p else 'the input'} "
                             f"{'(whose output has other users)' if consumers.get(src, 0) > 1 else ''}cannot be "
                             f"fused; {what} is supported only directly after one of {', '.join(allowed)} "
-                            f"(or after {', '.join(CLAMP_COMMUTES)} that follow one) with no other user of that "
-                            f"output")
-        if op.kind == "hardsigmoid":
-            # relu6(z + 3) / 6 = clamp((z + 3) / 6, 0, 1): scale the producer's float weights and bias
-            wk, bk = p.inputs[1], p.inputs[2]
-            params[wk] = (params[wk].double() / 6).float()
-            params[bk] = ((params[bk].double() + 3) / 6).float()
-            p.attrs["fused"] = "relu_0_to_1"
-        else:
-            p.attrs["fused"] = op.kind
+                            f"(or after {', '.join(CLAMP_COMMUTES)} or concat of them) with no other user of "
+                            f"that output")
+        # a hardsigmoid: relu6(z + 3) / 6 = clamp((z + 3) / 6, 0, 1), the producer's float weights and bias scaled
+        wk, bk = p.inputs[1], p.inputs[2]
+        params[wk] = (params[wk].double() / 6).float()
+        params[bk] = ((params[bk].double() + 3) / 6).float()
+        p.attrs["fused"] = "relu_0_to_1"
         p.outputs = list(op.outputs)
         producer[op.outputs[0]] = p
     return out

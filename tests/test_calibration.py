@@ -597,6 +597,30 @@ def test_a_relu_after_ops_that_commute_with_it_fuses_into_the_layer_before(calib
         ("reshape", None), ("fully_connected", "relu"), ("fully_connected", "none")]
 
 
+class _ReluAfterConcat(nn.Module):
+    """DPN-style: the ReLU after the concat of two branches, one through a max pool."""
+
+    def __init__(self, with_image: bool = False) -> None:
+        super().__init__()
+        self.with_image = with_image
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(7 if with_image else 10, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_image:  # the image itself is a branch: no layer to clamp it
+            return self.fc(F.relu(torch.cat([F.max_pool2d(x, 2), self.b(x)], 1)).mean((2, 3)))
+        return self.fc(F.relu(torch.cat([F.max_pool2d(self.a(x), 2), self.b(x)], 1)).mean((2, 3)))
+
+
+def test_a_relu_after_a_concat_fuses_into_each_branch(calib_images, test_images):
+    torch.manual_seed(0)
+    qm = _user_net_qm(_ReluAfterConcat(), calib_images, test_images)
+    assert [(op.kind, op.attrs.get("fused")) for op in qm.ops][:4] == [
+        ("conv2d", "relu"), ("max_pool2d", None), ("conv2d", "relu"), ("concat", None)]
+    with pytest.raises(UserError, match=r"'relu'.*relu after concat cannot be fused"):
+        calibrate(_ReluAfterConcat(with_image=True), calib_images[:8], progress=False)
+
+
 class _SharedPlusThree(nn.Module):
     def __init__(self) -> None:
         super().__init__()
