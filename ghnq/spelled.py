@@ -105,17 +105,6 @@ def _over_six(n: fx.Node) -> object | None:
     return None
 
 
-def _hardsigmoid_input(n: object, modules: dict[str, nn.Module]) -> fx.Node | None:
-    """x for relu6(x + 3) / 6 (`n` the division), or for a hardsigmoid already spelled as a module / function."""
-    if not isinstance(n, fx.Node):
-        return None
-    if (n.op == "call_module" and isinstance(modules.get(n.target), nn.Hardsigmoid)) or (
-            n.op == "call_function" and n.target is F.hardsigmoid):
-        return n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-    y = _over_six(n)
-    return _plus_three(_relu6_input(y, modules)) if isinstance(y, fx.Node) else None
-
-
 def _spelled_hardsigmoid(n: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
     """x for relu6(x + 3) / 6, `n` being the division."""
     y = _over_six(n)
