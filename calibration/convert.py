@@ -4,7 +4,8 @@ Steps (each one a function below, read top to bottom):
   1. `float_graph`: torch.fx trace (SpecNet and the allow-listed torchvision nets trace as they are), fold
      every conv → BN pair, then lower the fx graph to the QuantizedModel's op list in float: each fx node
      becomes one op, an alias (Identity, Dropout) or an activation that is fused into its producer
-     (relu / relu6 into conv / fc / add; hardsigmoid folded into the conv / fc before it, see qmodel.py);
+     (relu / relu6 into conv / fc / add, else a standalone clamp; hardsigmoid folded into the conv / fc before
+     it, see qmodel.py);
      a chain of data-movement nodes (view, transpose, chunk, ...) is replayed on element indices and becomes
      one `gather` when it ends in a channel selection (ShuffleNet's shuffle and split).
      Anything else is a UserError naming the node and the supported set.
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from calibration import observers
 from calibration.bn import fold_conv_bn, fold_weights
 from calibration.qmodel import (
+    CLAMP_OPS,
     INPUT_SCALE,
     INPUT_ZERO_POINT,
     WEIGHT_BITS,
@@ -49,7 +51,7 @@ from ghnq.movement import ValueProp, advance, is_movement
 from ghnq.spelled import fold_spelled_activations
 
 SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d (folded into a Conv2d before it, else a "
-             "1×1 depthwise conv), ReLU, "
+             "1×1 depthwise conv), ReLU (fused into the layer before it, else a standalone clamp), "
              "ReLU6 (or Hardtanh(0, 6)), Hardswish (or x * relu6(x + 3) / 6), Sigmoid, SiLU, Tanh, LeakyReLU, "
              "ELU, GELU, Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, tensor + tensor, "
              "tensor * tensor, AdaptiveAvgPool2d / AdaptiveMaxPool2d (an output that divides the input), mean "
@@ -62,7 +64,7 @@ SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d (folde
 FUSABLE = (*WEIGHTED_OPS, "add")
 # Ops that commute with relu / relu6 (they move or pick values, a max keeps order, a pad writes real 0)
 CLAMP_COMMUTES = ("max_pool2d", "pad", "reshape", "gather")
-SHARES_INPUT_QPARAMS = ("max_pool2d", "avg_pool2d", "pad", "reshape", "gather")
+SHARES_INPUT_QPARAMS = ("max_pool2d", "avg_pool2d", *CLAMP_OPS, "pad", "reshape", "gather")
 
 
 @dataclass
@@ -505,7 +507,8 @@ def _clamp_targets(t: str, producer: dict[str, Op], consumers: dict[str, int]) -
 
 
 def _fuse_activations(ops: list[Op], params: dict[str, torch.Tensor]) -> list[Op]:
-    """Fuse relu / relu6 / hardsigmoid pseudo-ops into the op that produces their input."""
+    """Fuse relu / relu6 / hardsigmoid pseudo-ops into the op that produces their input; a relu / relu6 that no
+    layer can take stays a standalone op."""
     out: list[Op] = []
     producer: dict[str, Op] = {}
     consumers: dict[str, int] = {}
@@ -520,7 +523,6 @@ def _fuse_activations(ops: list[Op], params: dict[str, torch.Tensor]) -> list[Op
             continue
         src = op.inputs[0]
         p = producer.get(src)
-        allowed = WEIGHTED_OPS if op.kind == "hardsigmoid" else FUSABLE
         # relu / relu6 after ops that commute with a clamp (LeNet's F.relu(F.max_pool2d(conv(x), 2)), DPN's
         # F.relu(torch.cat(...))): fused into the layers before them, which then hand on clamped values; the op
         # that made the relu's input writes the relu's output.
@@ -531,13 +533,17 @@ def _fuse_activations(ops: list[Op], params: dict[str, torch.Tensor]) -> list[Op
             producer[src].outputs = list(op.outputs)
             producer[op.outputs[0]] = producer[src]
             continue
-        if p is None or p.kind not in allowed or p.attrs.get("fused") != "none" or consumers.get(src, 0) != 1:
-            what = "hardsigmoid" if op.kind == "hardsigmoid" else op.kind
-            raise UserError(f"model node {op.source!r}: {what} after {p.kind if p else 'the input'} "
+        if op.kind in CLAMP_OPS:
+            # nothing before it can take the clamp (its input has other readers, or comes from a mean, mul, table
+            # op, ...): a standalone relu / relu6 op, a clamp of the codes at its input's (scale, zp)
+            out.append(op)
+            producer[op.outputs[0]] = op
+            continue
+        if p is None or p.kind not in WEIGHTED_OPS or p.attrs.get("fused") != "none" or consumers.get(src, 0) != 1:
+            raise UserError(f"model node {op.source!r}: hardsigmoid after {p.kind if p else 'the input'} "
                             f"{'(whose output has other users)' if consumers.get(src, 0) > 1 else ''}cannot be "
-                            f"fused; {what} is supported only directly after one of {', '.join(allowed)} "
-                            f"(or after {', '.join(CLAMP_COMMUTES)} or concat of them) with no other user of "
-                            f"that output")
+                            f"folded; hardsigmoid is supported only directly after one of {', '.join(WEIGHTED_OPS)} "
+                            f"with no other user of that output")
         # a hardsigmoid: relu6(z + 3) / 6 = clamp((z + 3) / 6, 0, 1), the producer's float weights and bias scaled
         wk, bk = p.inputs[1], p.inputs[2]
         params[wk] = (params[wk].double() / 6).float()

@@ -46,6 +46,10 @@ Ops (`Op.kind`, inputs, attrs); `attrs["fused"]` in {"none", "relu", "relu6", "r
                                Each is one int8 → int8 function: a 256-entry table of output codes
                                (calibration.reference.table_for), which the TFLite writer writes as a GATHER
                                and ExecuTorch's XNNPACK delegate computes in float32 code for code
+  relu, relu6       [x]        a standalone clamp at real 0 (and 6): where no layer before it can take it as a fused
+                               activation (DPN's relu of a concat whose parts other ops also read). The output
+                               shares the input's (scale, zp), so the kernel is exactly a clamp of the codes to the
+                               fused range below (TFLite RELU / RELU6 with equal scales; XNNPACK's int8 clamp)
   pad               [x]        padding [top, bottom, left, right], pads with the zero point (real 0);
                                output shares the input's (scale, zp)
   reshape           [x]        shape (the output shape); output shares the input's (scale, zp)
@@ -74,8 +78,8 @@ Input and output
   Output: the final fully_connected's int8 output tensor (logit codes).
 
 Fixed by calibration so that every runtime agrees (TFLite int8 constraints)
-  max/avg pool, pad, reshape, gather share their input's (scale, zp); concat's inputs and output all share one
-  (scale, zp) (TFLite's int8 CONCATENATION and XNNPACK require it: a copy, no requantization);
+  max/avg pool, relu, relu6, pad, reshape, gather share their input's (scale, zp); concat's inputs and output all
+  share one (scale, zp) (TFLite's int8 CONCATENATION and XNNPACK require it: a copy, no requantization);
   the relu_0_to_1 output is (1/255, -128);
   mean, the table ops, mul, add, conv, fc outputs have their own observed (scale, zp).
 
@@ -113,8 +117,9 @@ VERSION = 1
 WEIGHTED_OPS = ("conv2d", "depthwise_conv2d", "fully_connected")  # inputs: (x, int8 weight[, int32 bias])
 # Elementwise int8 → int8 functions every runtime evaluates as the same 256-entry table (see reference.table_for).
 TABLE_OPS = ("hardswish", "sigmoid", "silu", "tanh", "leaky_relu", "gelu", "elu")
-OP_KINDS = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, "pad", "reshape", "concat",
-            "gather")
+CLAMP_OPS = ("relu", "relu6")  # standalone activations: a clamp of the codes, output shares the input's (scale, zp)
+OP_KINDS = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, *CLAMP_OPS, "pad", "reshape",
+            "concat", "gather")
 FUSED = ("none", "relu", "relu6", "relu_0_to_1")
 WEIGHT_BITS = (8, 6, 4, 2)
 INPUT_SCALE = float(np.float32(1.0 / 255.0))
@@ -226,11 +231,11 @@ class QuantizedModel:
                 if list(self.tensors[op.outputs[0]].shape) != [*self.tensors[op.inputs[0]].shape[:3], len(idx)]:
                     raise UserError(f"{where}: output shape {self.tensors[op.outputs[0]].shape}; gather of "
                                     f"{len(idx)} channels needs {[*self.tensors[op.inputs[0]].shape[:3], len(idx)]}")
-            if op.kind in ("gather", "concat"):
+            if op.kind in ("gather", "concat", *CLAMP_OPS):
                 q = {(tuple(self.tensors[n].scale), tuple(self.tensors[n].zero_point)) for n in op.inputs + op.outputs}
                 if len(q) != 1:
                     raise UserError(f"{where}: {op.kind} inputs and output must share one (scale, zero point); the "
-                                    "int8 runtimes copy codes without requantizing")
+                                    "int8 runtimes copy (or clamp) codes without requantizing")
             defined.update(op.outputs)
         for name, t in self.tensors.items():
             if len(t.scale) != len(t.zero_point) or not np.all(np.isfinite(t.scale)) or np.any(t.scale <= 0):

@@ -31,7 +31,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from calibration.qmodel import TABLE_OPS, WEIGHTED_OPS, Op, QuantizedModel, input_codes
+from calibration.qmodel import CLAMP_OPS, TABLE_OPS, WEIGHTED_OPS, Op, QuantizedModel, input_codes
 from ghnq.cli import UserError
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
@@ -97,7 +97,7 @@ def activation_range(op: Op, scale: float, zp: int, qmin: int = -128, qmax: int 
         v = np.float32(f) / np.float32(scale)  # float32 division, as the C++ float lambda
         return zp + int(math.copysign(math.floor(abs(float(v)) + 0.5), float(v)))
 
-    fused = op.attrs.get("fused", "none")
+    fused = op.kind if op.kind in CLAMP_OPS else op.attrs.get("fused", "none")  # a standalone relu: its own range
     if fused in ("relu", "relu_0_to_1"):  # relu_0_to_1 is written as RELU; its (1/255, -128) range clamps at 1
         return max(qmin, quantize(0.0)), qmax
     if fused == "relu6":
@@ -338,6 +338,13 @@ def tflite_hardswish(x: np.ndarray, qi: tuple[float, int], qo: tuple[float, int]
     return _saturate_int8(y)
 
 
+def clamp(op: Op, x: np.ndarray, q: tuple[float, int]) -> np.ndarray:
+    """RELU / RELU6 (int8) with the output at the input's (scale, zp): the multiplier is exactly 1, so the kernel
+    is a clamp of the codes to CalculateActivationRangeQuantized's bounds."""
+    lo, hi = activation_range(op, *q)
+    return np.clip(x, lo, hi).astype(np.int8)
+
+
 def pad(op: Op, x: np.ndarray, zp: int) -> np.ndarray:
     """PAD (int8): pads with the zero point."""
     t, b, left, r = op.attrs["padding"]
@@ -390,6 +397,8 @@ def run_op(qm: QuantizedModel, op: Op, env: dict[str, np.ndarray]) -> np.ndarray
         return avg_pool2d(op, env[op.inputs[0]])
     if k in TABLE_OPS:
         return table_lookup(op, env[op.inputs[0]], q[op.inputs[0]], q[out])
+    if k in CLAMP_OPS:
+        return clamp(op, env[op.inputs[0]], q[out])
     if k == "pad":
         return pad(op, env[op.inputs[0]], q[op.inputs[0]][1])
     if k == "reshape":

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calibration.qmodel import TABLE_OPS, WEIGHTED_OPS, Op, QuantizedModel, input_codes
+from calibration.qmodel import CLAMP_OPS, TABLE_OPS, WEIGHTED_OPS, Op, QuantizedModel, input_codes
 from calibration.reference import activation_range, mean_multiplier, mul_scale, op_table, quantize_multiplier
 
 Hook = Callable[[str, torch.Tensor], torch.Tensor]
@@ -121,6 +121,8 @@ def run_op(op: Op, args: list[torch.Tensor]) -> torch.Tensor:
         return total / F.avg_pool2d(ones, a["kernel"], a["stride"], divisor_override=1)
     if k in TABLE_OPS:
         return table_function(k, a)(args[0])
+    if k in CLAMP_OPS:
+        return args[0].clamp(*_CLAMP[k])
     if k == "pad":
         return _pad(args[0], a["padding"])
     if k == "reshape":
@@ -253,6 +255,8 @@ class Simulator:
             count = F.avg_pool2d(_pad(torch.ones_like(x[:1, :1]), a["padding"]), a["kernel"], a["stride"],
                                  divisor_override=1)
             return round_half_away(total / count)  # TFLite: (sum ± count/2) / count, truncating
+        elif k in CLAMP_OPS:
+            y = args[0] - zp_out  # the output shares the input's (scale, zp): only the clamp below acts
         elif k == "pad":
             return _pad(args[0], a["padding"], float(ins[0][1]))
         elif k == "reshape":

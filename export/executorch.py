@@ -69,7 +69,7 @@ from torchao.quantization.pt2e.quantizer import (
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 from torchvision.models.shufflenetv2 import channel_shuffle
 
-from calibration.qmodel import TABLE_OPS, WEIGHTED_OPS, Op, QuantizedModel
+from calibration.qmodel import CLAMP_OPS, TABLE_OPS, WEIGHTED_OPS, Op, QuantizedModel
 from calibration.sim import table_function
 from export.pipeline import Built, add_common_args, check_requantization, run_export, runtime_refusal
 from export.verify import Runners
@@ -77,8 +77,8 @@ from ghnq.cli import UserError, drop_native_log_lines, run_cli
 from ghnq.fileio import atomic_write_bytes
 from ghnq.graph import pool_size
 
-SUPPORTED = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, "pad", "reshape", "concat",
-             "gather")
+SUPPORTED = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, *CLAMP_OPS, "pad", "reshape",
+             "concat", "gather")
 # XNNPACK's ExecuTorch partitioner lowers these only in fp32: inside the delegate they run between convert ops.
 # (SiLU has no config of its own: to_edge decomposes it into sigmoid and mul, both delegated, in fp32.)
 # ELU has a config, but ExecuTorch 1.5.1 leaves it out of the partitioner's list ("Waiting for PyTorch Pin
@@ -90,7 +90,8 @@ FP32_ONLY = (*(k for k in TABLE_OPS if k not in OUTSIDE_DELEGATE), "avg_pool2d",
 MUST_DELEGATE = ("aten_convolution_default", "aten_linear_default", "aten_add_tensor", "aten_mul_tensor",
                  "aten_mean_dim", "aten_max_pool2d_default", "aten_avg_pool2d_default",
                  "aten_max_pool2d_with_indices_default", "aten_hardswish_default", "aten_sigmoid_default",
-                 "aten_tanh_default", "aten_leaky_relu_default", "aten_gelu_default")
+                 "aten_tanh_default", "aten_leaky_relu_default", "aten_gelu_default", "aten_relu_default",
+                 "aten_hardtanh_default")
 ACT_MIN, ACT_MAX, W_MIN, W_MAX = -128, 127, -127, 127  # XNNPACK's int8 ranges (activations, weights)
 
 
@@ -227,6 +228,10 @@ class OpModule(nn.Module):
             y = F.avg_pool2d(x, a["kernel"], a["stride"], (t, left), ceil_mode=ceil, count_include_pad=False)
         elif k in TABLE_OPS:
             y = table_function(k, a)(x)
+        elif k == "relu":
+            y = F.relu(x)
+        elif k == "relu6":
+            y = F.hardtanh(x, 0.0, 6.0)
         elif k == "pad":
             t, b, left, r = a["padding"]
             y = F.pad(x, (left, r, t, b))

@@ -30,7 +30,7 @@ import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as tfl
 
-from calibration.qmodel import TABLE_OPS, Op, QuantizedModel, Tensor
+from calibration.qmodel import CLAMP_OPS, TABLE_OPS, Op, QuantizedModel, Tensor
 from calibration.reference import op_table
 from export.pipeline import Built, add_common_args, check_requantization, run_export, runtime_refusal
 from export.verify import Runners
@@ -46,6 +46,8 @@ INT8_VERSIONS = {
     # the table ops' lookup (see _table): versions from TFLite's op_version.cc rules (CAST with an
     # int8 side: 3, GATHER of int8 params: 2), not from a conversion
     "CAST": 3, "GATHER": 2,
+    # standalone clamps: op_version.cc gives RELU / RELU6 with int8 input version 2 (the converter fuses them)
+    "RELU": 2, "RELU6": 2,
 }
 INT32_VERSIONS = {"ADD": 1}  # the table index's int32 ADD (op_version.cc: ADD is 2 for int8 only)
 FP32_VERSION = 1
@@ -424,6 +426,13 @@ def _fp32_table_op(c: _Ctx, op: Op) -> None:
         c.g.op(code, [x], [y], None, FP32_VERSION)
 
 
+def _clamp(c: _Ctx, op: Op) -> None:
+    # int8: the output shares the input's (scale, zp) (the QM guarantees it), so TFLite's requantization is the
+    # identity (multiplier 2^30, shift 1) and the kernel clamps codes to the activation range
+    code = op.kind.upper()
+    c.g.op(code, [c.activation(op.inputs[0])], [c.activation(op.outputs[0])], None, c.version(code))
+
+
 def _pad(c: _Ctx, op: Op) -> None:
     t, b, left, r = op.attrs["padding"]
     paddings = c.int32_const(f"{op.outputs[0]}/paddings", [[0, 0], [t, b], [left, r], [0, 0]])
@@ -456,7 +465,8 @@ def _gather(c: _Ctx, op: Op) -> None:
 EMITTERS = {
     "conv2d": _conv2d, "depthwise_conv2d": _depthwise_conv2d, "fully_connected": _fully_connected, "add": _add,
     "mul": _mul, "mean": _mean, "max_pool2d": lambda c, op: _pool(c, op, "MAX_POOL_2D"),
-    "avg_pool2d": lambda c, op: _pool(c, op, "AVERAGE_POOL_2D"), **dict.fromkeys(TABLE_OPS, _table), "pad": _pad,
+    "avg_pool2d": lambda c, op: _pool(c, op, "AVERAGE_POOL_2D"), **dict.fromkeys(TABLE_OPS, _table),
+    **dict.fromkeys(CLAMP_OPS, _clamp), "pad": _pad,
     "reshape": _reshape, "concat": _concat, "gather": _gather,
 }
 

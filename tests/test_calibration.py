@@ -600,25 +600,33 @@ def test_a_relu_after_ops_that_commute_with_it_fuses_into_the_layer_before(calib
 class _ReluAfterConcat(nn.Module):
     """DPN-style: the ReLU after the concat of two branches, one through a max pool."""
 
-    def __init__(self, with_image: bool = False) -> None:
+    def __init__(self, shared: bool = False) -> None:
         super().__init__()
-        self.with_image = with_image
+        self.shared = shared
         self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 4, 3, stride=2, padding=1)
-        self.fc = nn.Linear(7 if with_image else 10, 10)
+        self.fc, self.head = nn.Linear(10, 10), nn.Linear(6, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.with_image:  # the image itself is a branch: no layer to clamp it
-            return self.fc(F.relu(torch.cat([F.max_pool2d(x, 2), self.b(x)], 1)).mean((2, 3)))
-        return self.fc(F.relu(torch.cat([F.max_pool2d(self.a(x), 2), self.b(x)], 1)).mean((2, 3)))
+        y = self.a(x)
+        out = self.fc(F.relu(torch.cat([F.max_pool2d(y, 2), self.b(x)], 1)).mean((2, 3)))
+        return out + self.head(y.mean((2, 3))) if self.shared else out  # shared: y is read unclamped too
 
 
-def test_a_relu_after_a_concat_fuses_into_each_branch(calib_images, test_images):
+def test_a_relu_after_a_concat_fuses_into_each_branch_or_stays_a_clamp(calib_images, test_images):
     torch.manual_seed(0)
     qm = _user_net_qm(_ReluAfterConcat(), calib_images, test_images)
     assert [(op.kind, op.attrs.get("fused")) for op in qm.ops][:4] == [
         ("conv2d", "relu"), ("max_pool2d", None), ("conv2d", "relu"), ("concat", None)]
-    with pytest.raises(UserError, match=r"'relu'.*relu after concat cannot be fused"):
-        calibrate(_ReluAfterConcat(with_image=True), calib_images[:8], progress=False)
+    # a branch read elsewhere unclamped: no layer can take the clamp, so a standalone relu (a clamp of the codes
+    # at the concat's own parameters) follows the concat, and both convs keep no fused activation
+    qm = _user_net_qm(_ReluAfterConcat(shared=True), calib_images, test_images)
+    assert [(op.kind, op.attrs.get("fused")) for op in qm.ops][:5] == [
+        ("conv2d", "none"), ("max_pool2d", None), ("conv2d", "none"), ("concat", None), ("relu", None)]
+    relu = qm.ops[4]
+    assert qm.tensors[relu.outputs[0]].qparams == qm.tensors[relu.inputs[0]].qparams
+    _, codes = reference.run(qm, test_images[0][:16], capture=True)
+    x, y, zp = codes[relu.inputs[0]], codes[relu.outputs[0]], qm.tensors[relu.inputs[0]].qparams[1]
+    assert (x < zp).any() and np.array_equal(y, np.maximum(x, zp))  # the clamp acts, and is all it does
 
 
 class _SharedPlusThree(nn.Module):

@@ -88,7 +88,7 @@ def program(name: str) -> E.Program:
 
 
 FAST = ["poolnet", "flatnet", "firenet", "swishnet", "groupnet", "shufflenet", "torchpoolnet", "padnet",
-        "spellednet", "preactnet", "widepoolnet", "tiny-mbv2"]
+        "spellednet", "preactnet", "widepoolnet", "dualpathnet", "tiny-mbv2"]
 ALL = FAST + [pytest.param(s, marks=pytest.mark.slow) for s in SPECS if s not in FAST]
 
 
