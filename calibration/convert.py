@@ -43,6 +43,7 @@ from calibration.qmodel import (
     QuantizedModel,
     Tensor,
 )
+from calibration.reference import nearest_source_index
 from calibration.sim import run_ops
 from ghnq.cli import UserError
 from ghnq.data import MEAN, STD
@@ -54,7 +55,8 @@ SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d (folde
              "1×1 depthwise conv), ReLU (fused into the layer before it, else a standalone clamp), "
              "ReLU6 (or Hardtanh(0, 6)), Hardswish (or x * relu6(x + 3) / 6), Sigmoid, SiLU, Tanh, LeakyReLU, "
              "ELU, GELU, Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, tensor + tensor, "
-             "tensor * tensor, AdaptiveAvgPool2d / AdaptiveMaxPool2d (an output that divides the input), mean "
+             "tensor * tensor, AdaptiveAvgPool2d / AdaptiveMaxPool2d (an output that divides the input or is a "
+             "multiple of it), Upsample / F.interpolate (nearest, whole factors), mean "
              "over H,W, MaxPool2d / AvgPool2d (modules or "
              "functions, ceil_mode, count_include_pad), ZeroPad2d / ConstantPad2d(value 0) / F.pad with zeros, "
              "Flatten/flatten/reshape/view to [N, features] (read by Linear) and back to [N, C, 1, 1], "
@@ -63,8 +65,8 @@ SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d (folde
              "shuffles, chunks, slices), Identity, Dropout, StochasticDepth")
 FUSABLE = (*WEIGHTED_OPS, "add")
 # Ops that commute with relu / relu6 (they move or pick values, a max keeps order, a pad writes real 0)
-CLAMP_COMMUTES = ("max_pool2d", "pad", "reshape", "gather")
-SHARES_INPUT_QPARAMS = ("max_pool2d", "avg_pool2d", *CLAMP_OPS, "pad", "reshape", "gather")
+CLAMP_COMMUTES = ("max_pool2d", "pad", "reshape", "gather", "resize_nearest")
+SHARES_INPUT_QPARAMS = ("max_pool2d", "avg_pool2d", *CLAMP_OPS, "pad", "reshape", "gather", "resize_nearest")
 
 
 @dataclass
@@ -270,6 +272,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return "alias", {}
         if isinstance(mod, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
             return _adaptive_pool(node, isinstance(mod, nn.AdaptiveAvgPool2d), mod.output_size, fail)
+        if isinstance(mod, nn.Upsample):  # UpsamplingNearest2d included
+            return _resize_nearest(node, mod.mode, mod, fail)
         if isinstance(mod, nn.MaxPool2d | nn.AvgPool2d):
             return _pool(node, *pool_arguments(node, mod), fail)
         if isinstance(mod, nn.ZeroPad2d | nn.ConstantPad2d):
@@ -320,6 +324,10 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
         if target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
             size = args[1] if len(args) > 1 else kwargs.get("output_size")
             return _adaptive_pool(node, target is F.adaptive_avg_pool2d, size, fail)
+        if target is F.interpolate:
+            rest, kw = fx.node.map_arg((tuple(args[1:]), dict(kwargs)), values)  # sizes computed in forward()
+            mode = rest[2] if len(rest) > 2 else kw.get("mode", "nearest")
+            return _resize_nearest(node, mode, lambda p: F.interpolate(p, *rest, **kw), fail)
         if target is torch.mean:
             return _mean(node, list(args[1:]), kwargs, fail)
         if target in (torch.flatten, torch.reshape):
@@ -408,11 +416,36 @@ def _adaptive_pool(node: fx.Node, average: bool, output_size: object, fail) -> t
         return "mean", {"axes": [1, 2], "keepdims": True}
     if out == [h, w]:
         return "alias", {}
+    if out[0] >= h and out[1] >= w:  # every bin is one pixel: a nearest upsampling (VGG's 7×7 pool of a 1×1 map)
+        pool = F.adaptive_avg_pool2d if average else F.adaptive_max_pool2d
+        return _resize_nearest(node, "nearest", lambda p: pool(p, out), fail)
     if h % out[0] or w % out[1]:
         raise fail(node, f"adaptive pool of a {h}×{w} map to {out[0]}×{out[1]} (bins of unequal size; allowed: an "
                          "output that divides the input)")
     k = [h // out[0], w // out[1]]
     return "avg_pool2d" if average else "max_pool2d", {"kernel": k, "stride": k, "padding": [0, 0, 0, 0]}
+
+
+def _resize_nearest(node: fx.Node, mode: str, run: Callable[[torch.Tensor], torch.Tensor], fail) -> tuple[str, dict]:
+    """Nearest upsampling by whole factors (nn.Upsample, F.interpolate, an adaptive pool to a multiple of its input):
+    every pixel repeated fh × fw times, a copy of codes. `run` is the node's own function; applied to a map of pixel
+    numbers, it shows which pixel each output position takes, which must be pixel i // f."""
+    _, _, h, w = node.args[0].meta["tensor_meta"].shape
+    _, _, oh, ow = node.meta["tensor_meta"].shape
+    if mode not in ("nearest", "nearest-exact"):
+        raise fail(node, f"resize mode {mode!r} (only 'nearest' by whole factors)")
+    if oh % h or ow % w:
+        raise fail(node, f"nearest resize of a {h}×{w} map to {oh}×{ow} (only whole factors)")
+    factor = [oh // h, ow // w]
+    probe = torch.arange(h * w, dtype=torch.float64).view(1, 1, h, w)
+    want = probe.repeat_interleave(factor[0], 2).repeat_interleave(factor[1], 3)
+    if not torch.equal(run(probe), want):
+        raise fail(node, f"nearest resize {h}×{w} → {oh}×{ow} whose output pixel i is not input pixel i // {factor}")
+    for n, o in ((h, oh), (w, ow)):
+        if not np.array_equal(nearest_source_index(n, o), np.arange(o) // (o // n)):
+            raise fail(node, f"nearest resize by {o // n} of a size-{n} axis (TFLite's and ExecuTorch's float32 index "
+                             "arithmetic picks other pixels than torch)")
+    return "resize_nearest", {"factor": factor}
 
 
 def _gelu(node: fx.Node, approximate: str, fail) -> tuple[str, dict]:

@@ -50,6 +50,8 @@ Ops (`Op.kind`, inputs, attrs); `attrs["fused"]` in {"none", "relu", "relu6", "r
                                activation (DPN's relu of a concat whose parts other ops also read). The output
                                shares the input's (scale, zp), so the kernel is exactly a clamp of the codes to the
                                fused range below (TFLite RELU / RELU6 with equal scales; XNNPACK's int8 clamp)
+  resize_nearest    [x]        factor [fh, fw]: nearest upsampling by whole factors, output pixel (i, j) is input
+                               pixel (i // fh, j // fw); output shares the input's (scale, zp) (a copy of codes)
   pad               [x]        padding [top, bottom, left, right], pads with the zero point (real 0);
                                output shares the input's (scale, zp)
   reshape           [x]        shape (the output shape); output shares the input's (scale, zp)
@@ -78,8 +80,8 @@ Input and output
   Output: the final fully_connected's int8 output tensor (logit codes).
 
 Fixed by calibration so that every runtime agrees (TFLite int8 constraints)
-  max/avg pool, relu, relu6, pad, reshape, gather share their input's (scale, zp); concat's inputs and output all
-  share one (scale, zp) (TFLite's int8 CONCATENATION and XNNPACK require it: a copy, no requantization);
+  max/avg pool, relu, relu6, resize_nearest, pad, reshape, gather share their input's (scale, zp); concat's inputs
+  and output all share one (scale, zp) (TFLite's int8 CONCATENATION and XNNPACK require it: a copy, no requantization);
   the relu_0_to_1 output is (1/255, -128);
   mean, the table ops, mul, add, conv, fc outputs have their own observed (scale, zp).
 
@@ -118,8 +120,8 @@ WEIGHTED_OPS = ("conv2d", "depthwise_conv2d", "fully_connected")  # inputs: (x, 
 # Elementwise int8 → int8 functions every runtime evaluates as the same 256-entry table (see reference.table_for).
 TABLE_OPS = ("hardswish", "sigmoid", "silu", "tanh", "leaky_relu", "gelu", "elu")
 CLAMP_OPS = ("relu", "relu6")  # standalone activations: a clamp of the codes, output shares the input's (scale, zp)
-OP_KINDS = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, *CLAMP_OPS, "pad", "reshape",
-            "concat", "gather")
+OP_KINDS = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, *CLAMP_OPS, "resize_nearest",
+            "pad", "reshape", "concat", "gather")
 FUSED = ("none", "relu", "relu6", "relu_0_to_1")
 WEIGHT_BITS = (8, 6, 4, 2)
 INPUT_SCALE = float(np.float32(1.0 / 255.0))
@@ -231,7 +233,13 @@ class QuantizedModel:
                 if list(self.tensors[op.outputs[0]].shape) != [*self.tensors[op.inputs[0]].shape[:3], len(idx)]:
                     raise UserError(f"{where}: output shape {self.tensors[op.outputs[0]].shape}; gather of "
                                     f"{len(idx)} channels needs {[*self.tensors[op.inputs[0]].shape[:3], len(idx)]}")
-            if op.kind in ("gather", "concat", *CLAMP_OPS):
+            if op.kind == "resize_nearest":
+                f, shape = op.attrs.get("factor"), self.tensors[op.inputs[0]].shape
+                if not (isinstance(f, list) and len(f) == 2 and all(isinstance(v, int) and v >= 1 for v in f)) or \
+                        list(self.tensors[op.outputs[0]].shape) != [1, shape[1] * f[0], shape[2] * f[1], shape[3]]:
+                    raise UserError(f"{where}: factor={f!r}; resize_nearest needs [fh, fw], whole numbers ≥ 1, and "
+                                    f"an output of the input's size times them")
+            if op.kind in ("gather", "concat", "resize_nearest", *CLAMP_OPS):
                 q = {(tuple(self.tensors[n].scale), tuple(self.tensors[n].zero_point)) for n in op.inputs + op.outputs}
                 if len(q) != 1:
                     raise UserError(f"{where}: {op.kind} inputs and output must share one (scale, zero point); the "

@@ -345,6 +345,22 @@ def clamp(op: Op, x: np.ndarray, q: tuple[float, int]) -> np.ndarray:
     return np.clip(x, lo, hi).astype(np.int8)
 
 
+def nearest_source_index(n_in: int, n_out: int) -> np.ndarray:
+    """GetNearestNeighbor (align_corners and half_pixel_centers false): output position i reads input
+    min(floor(i · float32(n_in / n_out)), n_in − 1), the product rounded to float32. ExecuTorch's portable
+    upsample_nearest2d computes the same. For a whole factor f this is i // f whenever float32(1 / f) ≥ 1 / f or the
+    product's rounding lands on the integer; calibration checks it for every resize it lowers."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
+
+
+def resize_nearest(op: Op, x: np.ndarray) -> np.ndarray:
+    """RESIZE_NEAREST_NEIGHBOR (int8): the output shares the input's (scale, zp), so codes are copied."""
+    _, h, w, _ = x.shape
+    fh, fw = op.attrs["factor"]
+    return x[:, nearest_source_index(h, h * fh)][:, :, nearest_source_index(w, w * fw)]
+
+
 def pad(op: Op, x: np.ndarray, zp: int) -> np.ndarray:
     """PAD (int8): pads with the zero point."""
     t, b, left, r = op.attrs["padding"]
@@ -399,6 +415,8 @@ def run_op(qm: QuantizedModel, op: Op, env: dict[str, np.ndarray]) -> np.ndarray
         return table_lookup(op, env[op.inputs[0]], q[op.inputs[0]], q[out])
     if k in CLAMP_OPS:
         return clamp(op, env[op.inputs[0]], q[out])
+    if k == "resize_nearest":
+        return resize_nearest(op, env[op.inputs[0]])
     if k == "pad":
         return pad(op, env[op.inputs[0]], q[op.inputs[0]][1])
     if k == "reshape":

@@ -83,6 +83,11 @@ def _pad(x: torch.Tensor, padding: list[int], value: float = 0.0) -> torch.Tenso
     return F.pad(x, (left, r, t, b), value=value) if any(padding) else x
 
 
+def _repeat(x: torch.Tensor, factor: list[int]) -> torch.Tensor:
+    """Nearest upsampling by whole factors (NCHW): every pixel repeated fh × fw times."""
+    return x.repeat_interleave(factor[0], dim=2).repeat_interleave(factor[1], dim=3)
+
+
 def table_function(kind: str, attrs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
     """The float function of a table op (qmodel.TABLE_OPS)."""
     if kind == "leaky_relu":
@@ -123,6 +128,8 @@ def run_op(op: Op, args: list[torch.Tensor]) -> torch.Tensor:
         return table_function(k, a)(args[0])
     if k in CLAMP_OPS:
         return args[0].clamp(*_CLAMP[k])
+    if k == "resize_nearest":
+        return _repeat(args[0], a["factor"])
     if k == "pad":
         return _pad(args[0], a["padding"])
     if k == "reshape":
@@ -257,6 +264,8 @@ class Simulator:
             return round_half_away(total / count)  # TFLite: (sum ± count/2) / count, truncating
         elif k in CLAMP_OPS:
             y = args[0] - zp_out  # the output shares the input's (scale, zp): only the clamp below acts
+        elif k == "resize_nearest":
+            return _repeat(args[0], a["factor"])  # shares its input's (scale, zp): the codes are copied
         elif k == "pad":
             return _pad(args[0], a["padding"], float(ins[0][1]))
         elif k == "reshape":

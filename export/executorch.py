@@ -77,8 +77,8 @@ from ghnq.cli import UserError, drop_native_log_lines, run_cli
 from ghnq.fileio import atomic_write_bytes
 from ghnq.graph import pool_size
 
-SUPPORTED = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, *CLAMP_OPS, "pad", "reshape",
-             "concat", "gather")
+SUPPORTED = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, *CLAMP_OPS, "resize_nearest",
+             "pad", "reshape", "concat", "gather")
 # XNNPACK's ExecuTorch partitioner lowers these only in fp32: inside the delegate they run between convert ops.
 # (SiLU has no config of its own: to_edge decomposes it into sigmoid and mul, both delegated, in fp32.)
 # ELU has a config, but ExecuTorch 1.5.1 leaves it out of the partitioner's list ("Waiting for PyTorch Pin
@@ -232,6 +232,11 @@ class OpModule(nn.Module):
             y = F.relu(x)
         elif k == "relu6":
             y = F.hardtanh(x, 0.0, 6.0)
+        elif k == "resize_nearest":
+            # XNNPACK's partitioner has no nearest resize: upsample_nearest2d runs on the portable kernels between
+            # delegate partitions, on the dequantized codes, a copy (its float32 index is TFLite's, see
+            # reference.nearest_source_index)
+            y = F.interpolate(x, size=(x.shape[2] * a["factor"][0], x.shape[3] * a["factor"][1]), mode="nearest")
         elif k == "pad":
             t, b, left, r = a["padding"]
             y = F.pad(x, (left, r, t, b))

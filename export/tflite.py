@@ -48,6 +48,8 @@ INT8_VERSIONS = {
     "CAST": 3, "GATHER": 2,
     # standalone clamps: op_version.cc gives RELU / RELU6 with int8 input version 2 (the converter fuses them)
     "RELU": 2, "RELU6": 2,
+    # op_version.cc: int8 without align_corners / half_pixel_centers
+    "RESIZE_NEAREST_NEIGHBOR": 2,
 }
 INT32_VERSIONS = {"ADD": 1}  # the table index's int32 ADD (op_version.cc: ADD is 2 for int8 only)
 FP32_VERSION = 1
@@ -433,6 +435,17 @@ def _clamp(c: _Ctx, op: Op) -> None:
     c.g.op(code, [c.activation(op.inputs[0])], [c.activation(op.outputs[0])], None, c.version(code))
 
 
+def _resize_nearest(c: _Ctx, op: Op) -> None:
+    # int8: the output shares the input's (scale, zp) (the QM guarantees it), so TFLite copies codes; with
+    # align_corners and half_pixel_centers false, output row i reads floor(i · float32(in / out)), which
+    # calibration checked is i // factor (reference.nearest_source_index)
+    _, h, w, _ = c.qm.tensors[op.outputs[0]].shape
+    size = c.int32_const(f"{op.outputs[0]}/size", [h, w])
+    c.g.op("RESIZE_NEAREST_NEIGHBOR", [c.activation(op.inputs[0]), size], [c.activation(op.outputs[0])],
+           tfl.ResizeNearestNeighborOptionsT(alignCorners=False, halfPixelCenters=False),
+           c.version("RESIZE_NEAREST_NEIGHBOR"))
+
+
 def _pad(c: _Ctx, op: Op) -> None:
     t, b, left, r = op.attrs["padding"]
     paddings = c.int32_const(f"{op.outputs[0]}/paddings", [[0, 0], [t, b], [left, r], [0, 0]])
@@ -466,7 +479,7 @@ EMITTERS = {
     "conv2d": _conv2d, "depthwise_conv2d": _depthwise_conv2d, "fully_connected": _fully_connected, "add": _add,
     "mul": _mul, "mean": _mean, "max_pool2d": lambda c, op: _pool(c, op, "MAX_POOL_2D"),
     "avg_pool2d": lambda c, op: _pool(c, op, "AVERAGE_POOL_2D"), **dict.fromkeys(TABLE_OPS, _table),
-    **dict.fromkeys(CLAMP_OPS, _clamp), "pad": _pad,
+    **dict.fromkeys(CLAMP_OPS, _clamp), "resize_nearest": _resize_nearest, "pad": _pad,
     "reshape": _reshape, "concat": _concat, "gather": _gather,
 }
 

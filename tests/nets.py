@@ -300,8 +300,31 @@ class DualPathNet(nn.Module):
         return self.fc(F.relu6(out.mean((2, 3))))
 
 
+class UpsampleNet(nn.Module):
+    """Nearest upsampling by whole factors: an FPN-style top-down merge (F.interpolate to a size computed in
+    forward(), factor 4, its ReLU fused into the conv before), nn.Upsample(scale_factor=2), and VGG-at-32-px's
+    adaptive pool of a small map to a larger one (2×2 → 6×6, factor 3), flattened into a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)      # 32 → 16
+        self.down2 = nn.Conv2d(8, 12, 3, stride=4, padding=1)    # 16 → 4
+        self.lateral = nn.Conv2d(12, 8, 1)
+        self.up = nn.Upsample(scale_factor=2)                     # 16 → 32
+        self.pool = nn.AdaptiveAvgPool2d(6)
+        self.fc = nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.down(self.stem(x))
+        top = F.relu(F.interpolate(self.lateral(self.down2(a)), size=(a.size(2), a.size(3)), mode="nearest"))
+        y = F.adaptive_max_pool2d(self.up(a + top), 2)           # 32 → 2
+        return self.fc(torch.flatten(self.pool(y), 1))           # 2 → 6: each pixel repeated 3 × 3 times
+
+
 # Every net above by its test id (the exporter tests' parameter lists).
 USER_NETS: dict[str, type[nn.Module]] = {
     "flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet, "shufflenet": ShuffleNet,
     "picknet": PickNet, "elunet": EluNet, "torchpoolnet": TorchPoolNet, "padnet": PadNet, "spellednet": SpelledNet,
-    "preactnet": PreActNet, "widepoolnet": WidePoolNet, "dualpathnet": DualPathNet}
+    "preactnet": PreActNet, "widepoolnet": WidePoolNet, "dualpathnet": DualPathNet,
+    "upsamplenet": UpsampleNet}

@@ -681,6 +681,43 @@ def test_a_pad_on_the_image_must_feed_convs(calib_images):
         calibrate(Net(), calib_images[:8], progress=False)
 
 
+def test_nearest_upsampling_by_whole_factors_is_a_copy_of_codes(calib_images, test_images):
+    from tests.nets import UpsampleNet
+
+    torch.manual_seed(0)
+    qm = _user_net_qm(UpsampleNet(), calib_images, test_images)
+    resizes = [op for op in qm.ops if op.kind == "resize_nearest"]
+    assert [op.attrs["factor"] for op in resizes] == [[4, 4], [2, 2], [3, 3]]
+    assert qm.ops[qm.ops.index(resizes[0]) - 1].attrs["fused"] == "relu"  # the ReLU after it moved before it
+    _, codes = reference.run(qm, test_images[0][:4], capture=True)
+    for op in resizes:
+        x, y = codes[op.inputs[0]], codes[op.outputs[0]]
+        fh, fw = op.attrs["factor"]
+        assert np.array_equal(y, x.repeat(fh, axis=1).repeat(fw, axis=2))
+        assert qm.tensors[op.outputs[0]].qparams == qm.tensors[op.inputs[0]].qparams
+
+
+@pytest.mark.parametrize("resize, match", [
+    (lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"), "resize mode 'bilinear'"),
+    (nn.Upsample(scale_factor=1.5), r"30×30 map to 45×45 \(only whole factors\)"),
+    (lambda x: F.interpolate(F.adaptive_max_pool2d(x, 10), scale_factor=3.05),  # torch reads pixel ⌊i / 3.05⌋
+     r"10×10 → 30×30 whose output pixel i is not input pixel i // \[3, 3\]"),
+    (lambda x: F.interpolate(F.adaptive_max_pool2d(x, 2), scale_factor=41), "float32 index arithmetic"),
+    (nn.AdaptiveAvgPool2d((60, 15)), "bins of unequal size")])
+def test_resizes_without_an_integer_form_are_refused(resize, match, calib_images):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 10)
+            self.resize = resize if isinstance(resize, nn.Module) else None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc((self.resize or resize)(self.conv(x)).mean((2, 3)))
+
+    with pytest.raises(UserError, match=match):
+        calibrate(Net(), calib_images[:8], progress=False)
+
+
 @pytest.mark.parametrize("pool, match", [
     (nn.MaxPool2d(2, dilation=2), "MaxPool2d with dilation"),
     (nn.AvgPool2d(2, divisor_override=3), "AvgPool2d with divisor_override"),

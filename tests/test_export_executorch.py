@@ -258,6 +258,20 @@ def test_elu_net_runs_code_for_code_beside_the_delegate(tmp_path: Path) -> None:
     assert np.array_equal(et, simulate(qm, images, rounding="executorch"))
 
 
+def test_nearest_upsampling_runs_code_for_code_beside_the_delegate(tmp_path: Path) -> None:
+    """XNNPACK's partitioner has no nearest resize: each of the three upsamplings runs on the portable kernels
+    between delegate partitions (named in the report, no compute op outside), a copy of codes, and the runtime's
+    logits are the sim's and LiteRT XNNPACK's."""
+    from export.tflite import LiteRTRunner, build_tflite
+
+    d = program("upsamplenet").delegation
+    assert d["outside_delegate"] == {"aten_upsample_nearest2d_vec": 3} and d["delegated_subgraphs"] == 4
+    assert d["compute_outside_delegate"] == {}
+    qm, images, et = _run_et("upsamplenet", tmp_path)
+    assert np.array_equal(et, simulate(qm, images, rounding="executorch"))
+    assert np.array_equal(et, LiteRTRunner(build_tflite(qm), "xnnpack")(input_codes(images)))
+
+
 def _t(name: str, shape: list[int], s: float, zp: int) -> Tensor:
     return Tensor(name, shape, "int8", np.array([s], np.float32), np.array([zp]))
 
