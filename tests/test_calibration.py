@@ -649,23 +649,26 @@ def test_a_spelled_activation_whose_inside_is_read_elsewhere_stays_arithmetic(ca
         calibrate(model, calib_images[:8], progress=False)
 
 
+class _LayerAfterConv(nn.Module):
+    """conv → `layer` → global mean → fc: the smallest net around one layer under test."""
+
+    def __init__(self, layer) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 10)
+        self.layer = layer  # an nn.Module is registered (traced as a module call), a lambda traced through
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer(self.conv(x)).mean((2, 3)))
+
+
 @pytest.mark.parametrize("pad, match", [
     (lambda x: F.pad(x, (1, 1, 1, 1), mode="reflect"), "pad mode 'reflect'"),
     (nn.ConstantPad2d(1, 0.5), "pad value 0.5"),
     (lambda x: F.pad(x, (1, 1, -1, 0)), r"no cropping"),
     (lambda x: F.pad(x, (1, 1, 1, 1, 0, 0)), r"H and W only")])
 def test_pads_without_an_integer_form_are_refused(pad, match, calib_images):
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 10)
-            self.pad = pad if isinstance(pad, nn.Module) else None
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc((self.pad or pad)(self.conv(x)).mean((2, 3)))
-
     with pytest.raises(UserError, match=match):
-        calibrate(Net(), calib_images[:8], progress=False)
+        calibrate(_LayerAfterConv(pad), calib_images[:8], progress=False)
 
 
 def test_a_pad_on_the_image_must_feed_convs(calib_images):
@@ -705,17 +708,8 @@ def test_nearest_upsampling_by_whole_factors_is_a_copy_of_codes(calib_images, te
     (lambda x: F.interpolate(F.adaptive_max_pool2d(x, 2), scale_factor=41), "float32 index arithmetic"),
     (nn.AdaptiveAvgPool2d((60, 15)), "bins of unequal size")])
 def test_resizes_without_an_integer_form_are_refused(resize, match, calib_images):
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 10)
-            self.resize = resize if isinstance(resize, nn.Module) else None
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc((self.resize or resize)(self.conv(x)).mean((2, 3)))
-
     with pytest.raises(UserError, match=match):
-        calibrate(Net(), calib_images[:8], progress=False)
+        calibrate(_LayerAfterConv(resize), calib_images[:8], progress=False)
 
 
 @pytest.mark.parametrize("pool, match", [
@@ -723,17 +717,8 @@ def test_resizes_without_an_integer_form_are_refused(resize, match, calib_images
     (nn.AvgPool2d(2, divisor_override=3), "AvgPool2d with divisor_override"),
     (lambda x: F.max_pool2d(x, 2, return_indices=True)[0], "max_pool2d_with_indices")])
 def test_pool_variants_without_an_integer_form_are_refused(pool, match, calib_images):
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 10)
-            self.pool = pool if isinstance(pool, nn.Module) else None
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc((self.pool or pool)(self.conv(x)).mean((2, 3)))
-
     with pytest.raises(UserError, match=match):
-        calibrate(Net(), calib_images[:8], progress=False)
+        calibrate(_LayerAfterConv(pool), calib_images[:8], progress=False)
 
 
 def test_concat_joins_one_shared_quantization(calib_images, test_images):
