@@ -59,11 +59,14 @@ SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d (folde
              "multiple of it), Upsample / F.interpolate (nearest, whole factors), mean "
              "over H,W, MaxPool2d / AvgPool2d (modules or "
              "functions, ceil_mode, count_include_pad), ZeroPad2d / ConstantPad2d(value 0) / F.pad with zeros, "
-             "Flatten/flatten/reshape/view to [N, features] (read by Linear) and back to [N, C, 1, 1], "
+             "Flatten/flatten/reshape/view/squeeze to [N, features] (read by Linear) and back to [N, C, 1, 1], "
              "torch.cat along channels, "
              "view/transpose/permute/chunk/split/indexing chains that select channels of a 4-D map (channel "
-             "shuffles, chunks, slices), Identity, Dropout, StochasticDepth")
+             "shuffles, chunks, slices), Identity, Dropout (any), StochasticDepth")
 FUSABLE = (*WEIGHTED_OPS, "add")
+# identities at inference (a functional dropout is one as fx traced it: `training=self.training` is False in eval)
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
 # Ops that commute with relu / relu6 (they move or pick values, a max keeps order, a pad writes real 0)
 CLAMP_COMMUTES = ("max_pool2d", "pad", "reshape", "gather", "resize_nearest")
 SHARES_INPUT_QPARAMS = ("max_pool2d", "avg_pool2d", *CLAMP_OPS, "pad", "reshape", "gather", "resize_nearest")
@@ -177,7 +180,15 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
                                           prop.values)
             except Exception as err:
                 raise fail(node, f"{node.target} ({type(err).__name__}: {err})") from None
-            if channels is None:
+            if channels is None and _is_flatten(index, c * h * w):  # squeeze(-1).squeeze(-1) of a pooled map
+                ops.append(Op("reshape", [source], [node.name], {"shape": [1, c * h * w]}, source=node.name))
+                name_of[node] = node.name
+                shapes[node.name] = [1, c * h * w]
+            elif channels is None:
+                if isinstance(index, torch.Tensor) and index.dim() < 2:
+                    what = getattr(node.target, "__name__", node.target)
+                    raise fail(node, f"{what} dropping the batch dimension (at batch 1, x.squeeze() does; write "
+                                     "x.flatten(1) or x.squeeze(-1).squeeze(-1))")
                 moving[node] = (source, index)
             elif channels == list(range(c)):
                 name_of[node] = source
@@ -238,6 +249,12 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
     return FloatGraph(ops, params, {n: s for n, s in shapes.items() if n in used}, input_name, output_name)
 
 
+def _is_flatten(index: object, n: int) -> bool:
+    """A movement chain whose element indices are a [1, n] row in the source map's NCHW order: torch's flatten."""
+    return isinstance(index, torch.Tensor) and tuple(index.shape) == (1, n) and \
+        torch.equal(index[0], torch.arange(n, device=index.device))
+
+
 def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: Callable[[fx.Node], object]
            ) -> tuple[str, dict]:
     """(op kind or 'alias' / 'relu' / 'relu6' / 'hardsigmoid', attrs) for one fx node; `values` holds the
@@ -268,7 +285,7 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return _gelu(node, mod.approximate, fail)
         if isinstance(mod, nn.Hardsigmoid):
             return "hardsigmoid", {}
-        if isinstance(mod, nn.Identity | nn.Dropout):
+        if isinstance(mod, (nn.Identity, *DROPOUT_MODULES)):
             return "alias", {}
         if isinstance(mod, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
             return _adaptive_pool(node, isinstance(mod, nn.AdaptiveAvgPool2d), mod.output_size, fail)
@@ -294,7 +311,7 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return "add", {"fused": "none"}
         if target in (operator.mul, torch.mul):
             return "mul", {"fused": "none"}
-        if target in (F.relu, torch.relu):
+        if target in (F.relu, torch.relu, F.relu_, torch.relu_):
             return "relu", {}
         if target is F.relu6:
             return "relu6", {}
@@ -310,7 +327,7 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return "elu", {"alpha": float(args[1] if len(args) > 1 else kwargs.get("alpha", 1.0))}
         if target is F.hardsigmoid:
             return "hardsigmoid", {}
-        if target is F.dropout:
+        if target in DROPOUT_FUNCTIONS:
             return "alias", {}
         if target is stochastic_depth:  # torchvision's residual drop (EfficientNet): identity unless training
             training = args[3] if len(args) > 3 else kwargs.get("training", True)

@@ -684,6 +684,30 @@ def test_a_pad_on_the_image_must_feed_convs(calib_images):
         calibrate(Net(), calib_images[:8], progress=False)
 
 
+class _UserSpellings(nn.Module):
+    """Spellings common in users' code: Dropout2d and F.dropout2d (identities in eval), torch.relu_, and a pooled
+    map squeezed to [N, C] for the Linear; with `squeeze_all`, x.squeeze(), which at batch 1 drops the batch too."""
+
+    def __init__(self, squeeze_all: bool = False) -> None:
+        super().__init__()
+        self.squeeze_all = squeeze_all
+        self.conv, self.drop, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Dropout2d(0.2), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.dropout2d(torch.relu_(self.drop(self.conv(x))), 0.1, self.training)
+        y = F.adaptive_avg_pool2d(y, 1)
+        return self.fc(y.squeeze() if self.squeeze_all else y.squeeze(-1).squeeze(-1))
+
+
+def test_dropouts_in_place_relu_and_squeezed_pools_lower(calib_images, test_images):
+    torch.manual_seed(0)
+    qm = _user_net_qm(_UserSpellings(), calib_images, test_images)
+    assert [(op.kind, op.attrs.get("fused")) for op in qm.ops] == [
+        ("conv2d", "relu"), ("mean", None), ("reshape", None), ("fully_connected", "none")]
+    with pytest.raises(UserError, match=r"'squeeze'.*dropping the batch dimension.*x.flatten\(1\)"):
+        calibrate(_UserSpellings(squeeze_all=True), calib_images[:8], progress=False)
+
+
 def test_nearest_upsampling_by_whole_factors_is_a_copy_of_codes(calib_images, test_images):
     from tests.nets import UpsampleNet
 
