@@ -57,7 +57,7 @@ SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d (folde
              "ELU, GELU, Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, tensor + tensor, "
              "tensor * tensor, AdaptiveAvgPool2d / AdaptiveMaxPool2d (an output that divides the input or is a "
              "multiple of it), Upsample / F.interpolate (nearest, whole factors), mean "
-             "over H,W, MaxPool2d / AvgPool2d (modules or "
+             "over H,W (or over W, then H), MaxPool2d / AvgPool2d (modules or "
              "functions, ceil_mode, count_include_pad), ZeroPad2d / ConstantPad2d(value 0) / F.pad with zeros, "
              "Flatten/flatten/reshape/view/squeeze to [N, features] (read by Linear) and back to [N, C, 1, 1], "
              "torch.cat along channels, "
@@ -143,6 +143,8 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
     name_of: dict[fx.Node, str] = {}  # fx node → tensor name (aliases map to their input's name)
     # fx node mid-way through a data-movement chain → (the 4-D tensor it started from, element-index tensor(s))
     moving: dict[fx.Node, tuple[str, object]] = {}
+    # fx node that averaged a 4-D map over one of H, W → (the map, that dim, keepdim): its reader must average the other
+    half_means: dict[fx.Node, tuple[str, int, bool]] = {}
     input_name = output_name = None
 
     def fail(node: fx.Node, what: str) -> UserError:
@@ -203,7 +205,23 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
             raise fail(node, f"{node.op} {node.target} (no tensor output)")
         nodes_read: list[fx.Node] = []  # every fx node in args and kwargs, lists included (cat), in order
         fx.node.map_arg((node.args, node.kwargs), nodes_read.append)
+        dims = _mean_dims(node)
+        if dims and dims[0] in ([2], [3]) and first in name_of and len(shapes[name_of[first]]) == 4:
+            half_means[node] = (name_of[first], dims[0][0], dims[1])  # x.mean(3).mean(2): the other half next
+            continue
+        if first in half_means:  # the second half of a global average written as two means
+            source, d, keep = half_means.pop(first)
+            if dims != ([2] if not keep else [5 - d], keep) or len(nodes_read) != 1:
+                raise fail(node, f"reading {first.name!r}, a mean over one of H, W of {source!r}, other than by a mean "
+                                 "over the other one with the same keepdim")
+            ops.append(Op("mean", [source], [node.name], {"axes": [1, 2], "keepdims": keep}, source=node.name))
+            name_of[node] = node.name
+            shapes[node.name] = _nhwc(shape)
+            continue
         for a in nodes_read:
+            if a in half_means:
+                raise fail(node, f"reading {a.name!r}, a mean over only one of H, W (supported: a global average, "
+                                 "also as x.mean(3).mean(2))")
             if a in moving:
                 raise fail(node, f"reading {a.name!r}, a view / transpose / chunk of {moving[a][0]!r} whose result "
                            "is not a channel selection of a 4-D map of the same height and width")
@@ -488,6 +506,21 @@ def _hardtanh_bounds(args: tuple, kwargs: dict) -> tuple[float, float]:
     lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
     hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
     return float(lo), float(hi)
+
+
+def _mean_dims(node: fx.Node) -> tuple[list[int], bool] | None:
+    """(the dims a mean node averages, as non-negative indices, keepdim), or None for any other node."""
+    if not ((node.op == "call_method" and node.target == "mean") or (node.op == "call_function"
+                                                                      and node.target is torch.mean)):
+        return None
+    rest, kwargs = list(node.args[1:]), node.kwargs
+    dims = rest[0] if rest else kwargs.get("dim")
+    keep = rest[1] if len(rest) > 1 else kwargs.get("keepdim", False)
+    meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+    if meta is None or not isinstance(dims, int | list | tuple):
+        return None
+    rank = len(meta.shape)
+    return sorted(d % rank for d in ([dims] if isinstance(dims, int) else dims)), bool(keep)
 
 
 def _mean(node: fx.Node, rest: list, kwargs: dict, fail) -> tuple[str, dict]:

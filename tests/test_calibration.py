@@ -650,15 +650,15 @@ def test_a_spelled_activation_whose_inside_is_read_elsewhere_stays_arithmetic(ca
 
 
 class _LayerAfterConv(nn.Module):
-    """conv → `layer` → global mean → fc: the smallest net around one layer under test."""
+    """conv → `layer` → global mean (or `pool`) → fc: the smallest net around one layer under test."""
 
-    def __init__(self, layer) -> None:
+    def __init__(self, layer, pool=lambda y: y.mean((2, 3))) -> None:
         super().__init__()
         self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 10)
-        self.layer = layer  # an nn.Module is registered (traced as a module call), a lambda traced through
+        self.layer, self.pool = layer, pool  # an nn.Module is registered (traced as a module call), a lambda traced
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.layer(self.conv(x)).mean((2, 3)))
+        return self.fc(self.pool(self.layer(self.conv(x))))
 
 
 @pytest.mark.parametrize("pad, match", [
@@ -706,6 +706,20 @@ def test_dropouts_in_place_relu_and_squeezed_pools_lower(calib_images, test_imag
         ("conv2d", "relu"), ("mean", None), ("reshape", None), ("fully_connected", "none")]
     with pytest.raises(UserError, match=r"'squeeze'.*dropping the batch dimension.*x.flatten\(1\)"):
         calibrate(_UserSpellings(squeeze_all=True), calib_images[:8], progress=False)
+
+
+@pytest.mark.parametrize("pool", [lambda y: y.mean(3).mean(2),  # as popular MobileNetV2 code writes it
+                                  lambda y: y.mean(-1, keepdim=True).mean(-2, keepdim=True).flatten(1),
+                                  lambda y: torch.mean(y.mean(2), -1)])
+def test_a_global_average_written_as_two_means_is_one_mean(pool, calib_images, test_images):
+    torch.manual_seed(0)
+    qm = _user_net_qm(_LayerAfterConv(nn.Identity(), pool), calib_images, test_images)
+    assert [op.kind for op in qm.ops if op.kind not in ("reshape",)] == ["conv2d", "mean", "fully_connected"]
+    with pytest.raises(UserError, match=r"'getitem'.*reading 'mean', a mean over one of H, W of 'conv', other than"):
+        calibrate(_LayerAfterConv(nn.Identity(), lambda y: y.mean(3)[:, :, 0]), calib_images[:8], progress=False)
+    with pytest.raises(UserError, match=r"'mean_1'.*other than by a mean over the other one with the same keepdim"):
+        calibrate(_LayerAfterConv(nn.Identity(), lambda y: y.mean(3, keepdim=True).mean(2)[..., 0]), calib_images[:8],
+                  progress=False)
 
 
 def test_nearest_upsampling_by_whole_factors_is_a_copy_of_codes(calib_images, test_images):
