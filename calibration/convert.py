@@ -55,8 +55,9 @@ SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d (folde
              "1×1 depthwise conv), ReLU (fused into the layer before it, else a standalone clamp), "
              "ReLU6 (or Hardtanh(0, 6)), Hardswish (or x * relu6(x + 3) / 6), Sigmoid, SiLU, Tanh, LeakyReLU, "
              "ELU, GELU, Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, tensor + tensor, "
-             "tensor * tensor, AdaptiveAvgPool2d / AdaptiveMaxPool2d (an output that divides the input or is a "
-             "multiple of it), Upsample / F.interpolate (nearest, whole factors), mean "
+             "tensor * tensor, a number times / divided into / added to / subtracted from a Conv2d / Linear / BN "
+             "output (folded into its weights), AdaptiveAvgPool2d / AdaptiveMaxPool2d (an output that divides the "
+             "input or is a multiple of it), Upsample / F.interpolate (nearest, whole factors), mean "
              "over H,W (or over W, then H), MaxPool2d / AvgPool2d (modules or "
              "functions, ceil_mode, count_include_pad), ZeroPad2d / ConstantPad2d(value 0) / F.pad with zeros, "
              "Flatten/flatten/reshape/view/squeeze to [N, features] (read by Linear) and back to [N, C, 1, 1], "
@@ -226,6 +227,19 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
                 raise fail(node, f"reading {a.name!r}, a view / transpose / chunk of {moving[a][0]!r} whose result "
                            "is not a channel selection of a 4-D map of the same height and width")
         ins = [name_of[a] for a in nodes_read if a in name_of]
+        affine = _scalar_affine(node, prop.values)
+        if affine is not None:  # y = s · layer(x) + t (residual scaling, `x / 2`): into the layer's weights and bias
+            x, (s, t) = affine
+            p = next((op for op in reversed(ops) if op.outputs[0] == name_of.get(x)), None)
+            if p is None or p.kind not in WEIGHTED_OPS or name_of[x] != x.name or len(x.users) != 1:
+                raise fail(node, f"{getattr(node.target, '__name__', node.target)} with a constant operand, other than "
+                                 "right after a Conv2d / Linear / BatchNorm2d whose only reader it is (its weights and "
+                                 "bias take the constant)")
+            wk, bk = p.inputs[1], p.inputs[2]
+            params[wk] = (params[wk].double() * s).float()
+            params[bk] = (params[bk].double() * s + t).float()
+            name_of[node] = name_of[x]
+            continue
         mod = modules.get(node.target) if node.op == "call_module" else None
         target = node.target
         kind, attrs = _lower(node, mod, target, fail, prop.values.get)
@@ -265,6 +279,36 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
     _flatten_to_nhwc(ops, params, shapes, output_name)
     used = {n for op in ops for n in op.outputs} | {input_name}
     return FloatGraph(ops, params, {n: s for n, s in shapes.items() if n in used}, input_name, output_name)
+
+
+_SCALAR_OPS = {operator.mul: "mul", torch.mul: "mul", "mul": "mul", operator.add: "add", torch.add: "add", "add": "add",
+               operator.sub: "sub", torch.sub: "sub", "sub": "sub", operator.truediv: "div", torch.div: "div",
+               "div": "div"}
+
+
+def _scalar_affine(node: fx.Node, values: dict[fx.Node, object]) -> tuple[fx.Node, tuple[float, float]] | None:
+    """(x, (s, t)) when `node` computes s · x + t from one tensor x and one Python number (x * 0.2, 0.5 * x, x / 6,
+    x + 1, x - 1, 1 - x, also as torch functions or methods); else None."""
+    op = _SCALAR_OPS.get(node.target) if node.op in ("call_function", "call_method") else None
+    if op is None or len(node.args) != 2 or set(node.kwargs) - {"alpha"} or node.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = node.args
+    tensors = [v for v in (a, b) if isinstance(v, fx.Node) and "tensor_meta" in v.meta]
+    if len(tensors) != 1:
+        return None
+    x = tensors[0]
+    c = b if x is a else a
+    c = values.get(c) if isinstance(c, fx.Node) else c
+    if not isinstance(c, int | float) or isinstance(c, bool) or not np.isfinite(c):
+        return None
+    c = float(c)
+    if op == "mul":
+        return x, (c, 0.0)
+    if op == "add":
+        return x, (1.0, c)
+    if op == "sub":
+        return x, ((1.0, -c) if x is a else (-1.0, c))
+    return (x, (1.0 / c, 0.0)) if x is a and c != 0 else None  # c / x is no affine map
 
 
 def _is_flatten(index: object, n: int) -> bool:

@@ -645,7 +645,7 @@ def test_a_spelled_activation_whose_inside_is_read_elsewhere_stays_arithmetic(ca
     model = _SharedPlusThree()
     graph = torch.fx.Tracer().trace(model)
     assert fold_spelled_activations(graph, dict(model.named_modules())) == 0
-    with pytest.raises(UserError, match=r"'add'.*constant operand"):
+    with pytest.raises(UserError, match=r"'truediv'.*constant operand, other than right after a Conv2d"):
         calibrate(model, calib_images[:8], progress=False)
 
 
@@ -720,6 +720,33 @@ def test_a_global_average_written_as_two_means_is_one_mean(pool, calib_images, t
     with pytest.raises(UserError, match=r"'mean_1'.*other than by a mean over the other one with the same keepdim"):
         calibrate(_LayerAfterConv(nn.Identity(), lambda y: y.mean(3, keepdim=True).mean(2)[..., 0]), calib_images[:8],
                   progress=False)
+
+
+class _ScaledResidual(nn.Module):
+    """Scalars applied to a layer's output: Inception-ResNet's residual scaling (`y + 0.2 * branch`, after a BN),
+    `conv(x) - 1` before a ReLU, 1 − conv, and logits divided by a temperature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3, self.conv4, self.fc = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv1(x))
+        y = y + 0.2 * self.bn2(self.conv2(y))
+        y = (self.conv3(y) - 1.0).relu() + (1 - self.conv4(y))
+        return self.fc(y.mean((2, 3))) / 2
+
+
+def test_scalars_after_a_layer_fold_into_its_weights_and_bias(calib_images, test_images):
+    torch.manual_seed(0)
+    qm = _user_net_qm(_ScaledResidual(), calib_images, test_images)
+    assert [(op.kind, op.attrs.get("fused")) for op in qm.ops] == [
+        ("conv2d", "relu"), ("conv2d", "none"), ("add", "none"), ("conv2d", "relu"), ("conv2d", "none"),
+        ("add", "none"), ("mean", None), ("fully_connected", "none")]
+    with pytest.raises(UserError, match=r"'mul'.*constant operand, other than right after a Conv2d / Linear"):
+        calibrate(_LayerAfterConv(nn.ReLU(), lambda y: (y * 0.5).mean((2, 3))), calib_images[:8], progress=False)
 
 
 def test_nearest_upsampling_by_whole_factors_is_a_copy_of_codes(calib_images, test_images):
