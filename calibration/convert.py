@@ -54,7 +54,7 @@ from ghnq.spelled import fold_spelled_activations
 SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d (folded into a Conv2d before it, else a "
              "1×1 depthwise conv), ReLU (fused into the layer before it, else a standalone clamp), "
              "ReLU6 (or Hardtanh(0, 6)), Hardswish (or x * relu6(x + 3) / 6), Sigmoid, SiLU, Tanh, LeakyReLU, "
-             "ELU, GELU, Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, tensor + tensor, "
+             "ELU, GELU, Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, tensor + / - tensor, "
              "tensor * tensor, a number times / divided into / added to / subtracted from a Conv2d / Linear / BN "
              "output (folded into its weights), AdaptiveAvgPool2d / AdaptiveMaxPool2d (an output that divides the "
              "input or is a multiple of it), Upsample / F.interpolate (nearest, whole factors), mean "
@@ -268,7 +268,7 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
                 wk, bk = f"{node.name}.weight", f"{node.name}.bias"
             params[wk], params[bk] = w, b
             ins = ins[:1] + [wk, bk]
-        if kind in ("add", "mul") and len(ins) != 2:
+        if kind in ("add", "sub", "mul") and len(ins) != 2:
             raise fail(node, f"{target} with a constant operand")
         ops.append(Op(kind, ins, [node.name], attrs, source=str(src)))
         name_of[node] = node.name
@@ -371,6 +371,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
     if node.op == "call_function":
         if target in (operator.add, torch.add):
             return "add", {"fused": "none"}
+        if target in (operator.sub, torch.sub):
+            return "sub", {"fused": "none"}
         if target in (operator.mul, torch.mul):
             return "mul", {"fused": "none"}
         if target in (F.relu, torch.relu, F.relu_, torch.relu_):
@@ -424,6 +426,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return node.target.rstrip("_"), {}
         if node.target == "add":
             return "add", {"fused": "none"}
+        if node.target == "sub":
+            return "sub", {"fused": "none"}
         if node.target == "mul":
             return "mul", {"fused": "none"}
     raise fail(node, f"{node.op} {getattr(target, '__name__', target)}")

@@ -34,6 +34,7 @@ Ops (`Op.kind`, inputs, attrs); `attrs["fused"]` in {"none", "relu", "relu6", "r
   depthwise_conv2d  [x, w, b]  as conv2d, plus depth_multiplier (output channel c reads input c // m)
   fully_connected   [x, w, b]  x is [1, I]; fused
   add               [a, b]     same shapes; fused
+  sub               [a, b]     a − b, same shapes; fused none (XNNPACK fuses no activation into a subtract)
   mul               [a, b]     b may broadcast ([1, 1, 1, C] against [1, H, W, C]: the SE product); fused none
   mean              [x]        axes [1, 2] of NHWC, keepdims true → [1, 1, 1, C], false → [1, C]
   max_pool2d        [x]        kernel [kh, kw], stride, padding; out-of-range positions are excluded (torch and
@@ -83,7 +84,7 @@ Fixed by calibration so that every runtime agrees (TFLite int8 constraints)
   max/avg pool, relu, relu6, resize_nearest, pad, reshape, gather share their input's (scale, zp); concat's inputs
   and output all share one (scale, zp) (TFLite's int8 CONCATENATION and XNNPACK require it: a copy, no requantization);
   the relu_0_to_1 output is (1/255, -128);
-  mean, the table ops, mul, add, conv, fc outputs have their own observed (scale, zp).
+  mean, the table ops, mul, add, sub, conv, fc outputs have their own observed (scale, zp).
 
 Provenance (`qm.meta`)
   spec (the validated spec dict), name, weights (where the float weights came from), method (activation
@@ -120,8 +121,8 @@ WEIGHTED_OPS = ("conv2d", "depthwise_conv2d", "fully_connected")  # inputs: (x, 
 # Elementwise int8 → int8 functions every runtime evaluates as the same 256-entry table (see reference.table_for).
 TABLE_OPS = ("hardswish", "sigmoid", "silu", "tanh", "leaky_relu", "gelu", "elu")
 CLAMP_OPS = ("relu", "relu6")  # standalone activations: a clamp of the codes, output shares the input's (scale, zp)
-OP_KINDS = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, *CLAMP_OPS, "resize_nearest",
-            "pad", "reshape", "concat", "gather")
+OP_KINDS = (*WEIGHTED_OPS, "add", "sub", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, *CLAMP_OPS,
+            "resize_nearest", "pad", "reshape", "concat", "gather")
 FUSED = ("none", "relu", "relu6", "relu_0_to_1")
 WEIGHT_BITS = (8, 6, 4, 2)
 INPUT_SCALE = float(np.float32(1.0 / 255.0))

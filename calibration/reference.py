@@ -190,7 +190,8 @@ def fully_connected(op: Op, x: np.ndarray, w: np.ndarray, bias: np.ndarray, zp_i
 
 def add(op: Op, a: np.ndarray, b: np.ndarray, qa: tuple[float, int], qb: tuple[float, int],
         qo: tuple[float, int]) -> np.ndarray:
-    """reference_integer_ops::Add (int8): both inputs rescaled to 2·max(s_a, s_b) with left_shift 20."""
+    """reference_integer_ops::Add (int8): both inputs rescaled to 2·max(s_a, s_b) with left_shift 20. SUB (int8,
+    sub.cc's general path) is the same arithmetic with the rescaled b subtracted (op kind "sub")."""
     left_shift = 20
     twice_max = 2.0 * max(qa[0], qb[0])
     ma, sa = quantize_multiplier(qa[0] / twice_max)
@@ -201,7 +202,8 @@ def add(op: Op, a: np.ndarray, b: np.ndarray, qa: tuple[float, int], qb: tuple[f
     # MultiplyByQuantizedMultiplierSmallerThanOneExp = high-mul then rounding right shift by -shift
     ya = rounding_divide_by_pot(saturating_rounding_doubling_high_mul(xa, ma), -sa)
     yb = rounding_divide_by_pot(saturating_rounding_doubling_high_mul(xb, mb), -sb)
-    y = rounding_divide_by_pot(saturating_rounding_doubling_high_mul(ya + yb, mo), -so) + qo[1]
+    raw = ya - yb if op.kind == "sub" else ya + yb
+    y = rounding_divide_by_pot(saturating_rounding_doubling_high_mul(raw, mo), -so) + qo[1]
     lo, hi = activation_range(op, qo[0], qo[1])
     return np.clip(y, lo, hi).astype(np.int8)
 
@@ -401,7 +403,7 @@ def run_op(qm: QuantizedModel, op: Op, env: dict[str, np.ndarray]) -> np.ndarray
         x, w, b = op.inputs
         fn = {"conv2d": conv2d, "depthwise_conv2d": depthwise_conv2d, "fully_connected": fully_connected}[k]
         return fn(op, env[x], T[w].data, T[b].data, q[x][1], q[x][0], T[w].scale, q[out][0], q[out][1])
-    if k == "add":
+    if k in ("add", "sub"):
         return add(op, env[op.inputs[0]], env[op.inputs[1]], q[op.inputs[0]], q[op.inputs[1]], q[out])
     if k == "mul":
         return mul(op, env[op.inputs[0]], env[op.inputs[1]], q[op.inputs[0]], q[op.inputs[1]], q[out])

@@ -113,6 +113,8 @@ def run_op(op: Op, args: list[torch.Tensor]) -> torch.Tensor:
         return _fused(F.linear(*args), op)
     if k == "add":
         return _fused(args[0] + args[1], op)
+    if k == "sub":
+        return _fused(args[0] - args[1], op)
     if k == "mul":
         return _fused(args[0] * args[1], op)
     if k == "mean":
@@ -243,12 +245,12 @@ class Simulator:
                 y = xnn_mean_requantize(acc + p["n"] * ins[0][1], p["xnn"]) - zp_out
             else:
                 y = self._requantize(acc, p, per_channel=False)
-        elif k == "add":
+        elif k in ("add", "sub"):
             if self.rounding == "xnnpack":
                 y = xnn_add(args[0] - ins[0][1], args[1] - ins[1][1], p["xnn"])
             else:
                 real = [(t - q[1]) * q[0] for t, q in zip(args, ins, strict=True)]
-                y = round_half_away((real[0] + real[1]) / s_out)
+                y = round_half_away((real[0] + real[1] if k == "add" else real[0] - real[1]) / s_out)
         elif k in TABLE_OPS:
             lo, hi = p["clamp"]
             return p["lut"][(args[0] + 128).long()].clamp(lo, hi)
@@ -417,9 +419,10 @@ def xnn_params(qm: QuantizedModel, op: Op) -> dict:
     if op.kind == "mul":
         # src/microparams-init.c xnn_init_qs8_mul_minmax_scalar_params: (a_scale * b_scale) / output_scale
         return {"scale": torch.tensor(float((s_in * _f32(t[op.inputs[1]].scale[0])) / s_out), dtype=torch.float32)}
-    if op.kind == "add":
-        return xnn_add_params(s_in, _f32(t[op.inputs[1]].scale[0]), s_out, int(t[op.inputs[0]].zero_point[0]),
-                              int(t[op.inputs[1]].zero_point[0]))
+    if op.kind in ("add", "sub"):
+        # a subtract is XNNPACK's add kernel with b's scale negated (src/operators/binary-elementwise-nd.c)
+        s_b = _f32(t[op.inputs[1]].scale[0]) * (-1 if op.kind == "sub" else 1)
+        return xnn_add_params(s_in, s_b, s_out, int(t[op.inputs[0]].zero_point[0]), int(t[op.inputs[1]].zero_point[0]))
     if op.kind == "mean":
         # src/microparams-init.c xnn_init/update_qs8_reduce_scalar_params: scale = (s_in / s_out) * (1.0f / N);
         # src/operators/reduce-nd.c: the int32 sum of raw codes is converted with inv_y_scale = scale and
@@ -435,7 +438,7 @@ def xnn_params(qm: QuantizedModel, op: Op) -> dict:
 def xnn_add_params(sa: np.float32, sb: np.float32, so: np.float32, zpa: int, zpb: int) -> dict:
     """src/microparams-init.c xnn_init_qs8_add_minmax_scalar_params: 21-bit multipliers, shift = 20 - exponent."""
     a, b = _f32(sa / so), _f32(sb / so)
-    shift = 20 - (int(np.frexp(max(a, b))[1]) - 1)  # 20 - unbiased exponent of the larger scale
+    shift = 20 - (int(np.frexp(max(abs(a), abs(b)))[1]) - 1)  # 20 - unbiased exponent of the larger |scale|
     am, bm = (int(np.rint(np.ldexp(v, shift).astype(_f32))) for v in (a, b))  # lrintf, half to even
     return {"a_mult": am, "b_mult": bm, "shift": shift, "zp": (zpa, zpb)}
 

@@ -77,8 +77,8 @@ from ghnq.cli import UserError, drop_native_log_lines, run_cli
 from ghnq.fileio import atomic_write_bytes
 from ghnq.graph import pool_size
 
-SUPPORTED = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, *CLAMP_OPS, "resize_nearest",
-             "pad", "reshape", "concat", "gather")
+SUPPORTED = (*WEIGHTED_OPS, "add", "sub", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, *CLAMP_OPS,
+             "resize_nearest", "pad", "reshape", "concat", "gather")
 # XNNPACK's ExecuTorch partitioner lowers these only in fp32: inside the delegate they run between convert ops.
 # (SiLU has no config of its own: to_edge decomposes it into sigmoid and mul, both delegated, in fp32.)
 # ELU has a config, but ExecuTorch 1.5.1 leaves it out of the partitioner's list ("Waiting for PyTorch Pin
@@ -87,7 +87,8 @@ SUPPORTED = (*WEIGHTED_OPS, "add", "mul", "mean", "max_pool2d", "avg_pool2d", *T
 OUTSIDE_DELEGATE = ("elu",)
 FP32_ONLY = (*(k for k in TABLE_OPS if k not in OUTSIDE_DELEGATE), "avg_pool2d", "pad")
 # Compute ops that must end up inside the XNNPACK delegate (edge-dialect op names of get_delegation_info).
-MUST_DELEGATE = ("aten_convolution_default", "aten_linear_default", "aten_add_tensor", "aten_mul_tensor",
+MUST_DELEGATE = ("aten_convolution_default", "aten_linear_default", "aten_add_tensor", "aten_sub_tensor",
+                 "aten_mul_tensor",
                  "aten_mean_dim", "aten_max_pool2d_default", "aten_avg_pool2d_default",
                  "aten_max_pool2d_with_indices_default", "aten_hardswish_default", "aten_sigmoid_default",
                  "aten_tanh_default", "aten_leaky_relu_default", "aten_gelu_default", "aten_relu_default",
@@ -215,6 +216,8 @@ class OpModule(nn.Module):
             y = F.linear(x, self.weight, self.bias)
         elif k == "add":
             y = x + xs[1]
+        elif k == "sub":
+            y = x - xs[1]
         elif k == "mul":
             y = x * xs[1]
         elif k == "mean":

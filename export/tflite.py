@@ -46,6 +46,7 @@ INT8_VERSIONS = {
     # the table ops' lookup (see _table): versions from TFLite's op_version.cc rules (CAST with an
     # int8 side: 3, GATHER of int8 params: 2), not from a conversion
     "CAST": 3, "GATHER": 2,
+    "SUB": 2,  # op_version.cc: int8 without broadcast beyond 4-D
     # standalone clamps: op_version.cc gives RELU / RELU6 with int8 input version 2 (the converter fuses them)
     "RELU": 2, "RELU6": 2,
     # op_version.cc: int8 without align_corners / half_pixel_centers
@@ -312,6 +313,12 @@ def _add(c: _Ctx, op: Op) -> None:
            tfl.AddOptionsT(fusedActivationFunction=FUSED[op.attrs.get("fused", "none")]), c.version("ADD"))
 
 
+def _sub(c: _Ctx, op: Op) -> None:
+    a, b = (c.activation(n) for n in op.inputs)
+    c.g.op("SUB", [a, b], [c.activation(op.outputs[0])], tfl.SubOptionsT(fusedActivationFunction=FUSED["none"]),
+           c.version("SUB"))
+
+
 def _mul(c: _Ctx, op: Op) -> None:
     a, b = (c.activation(n) for n in op.inputs)
     c.g.op("MUL", [a, b], [c.activation(op.outputs[0])],
@@ -477,7 +484,7 @@ def _gather(c: _Ctx, op: Op) -> None:
 
 EMITTERS = {
     "conv2d": _conv2d, "depthwise_conv2d": _depthwise_conv2d, "fully_connected": _fully_connected, "add": _add,
-    "mul": _mul, "mean": _mean, "max_pool2d": lambda c, op: _pool(c, op, "MAX_POOL_2D"),
+    "sub": _sub, "mul": _mul, "mean": _mean, "max_pool2d": lambda c, op: _pool(c, op, "MAX_POOL_2D"),
     "avg_pool2d": lambda c, op: _pool(c, op, "AVERAGE_POOL_2D"), **dict.fromkeys(TABLE_OPS, _table),
     **dict.fromkeys(CLAMP_OPS, _clamp), "resize_nearest": _resize_nearest, "pad": _pad,
     "reshape": _reshape, "concat": _concat, "gather": _gather,

@@ -282,7 +282,7 @@ class DualPathNet(nn.Module):
     """DPN's block (kuangliu/pytorch-cifar's Bottleneck): a residual sum over the first channels and a dense
     concat of the rest, then a relu of the whole concat. The shortcut's channels are read by both the add and the
     concat, so no layer before can take the relu: it stays a standalone clamp. A relu6 of a mean (no layer
-    makes a mean's output) is one too."""
+    makes a mean's output) is one too; before it, a difference of two maps (SUB)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -290,14 +290,14 @@ class DualPathNet(nn.Module):
         self.conv1, self.bn1 = nn.Conv2d(16, 12, 1, bias=False), nn.BatchNorm2d(12)
         self.conv2, self.bn2 = nn.Conv2d(12, 20, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(20)
         self.shortcut = nn.Sequential(nn.Conv2d(16, 20, 1, stride=2, bias=False), nn.BatchNorm2d(20))
-        self.fc = nn.Linear(28, 10)
+        self.mix, self.fc = nn.Conv2d(28, 28, 1), nn.Linear(28, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
         x, d = self.shortcut(x), 12
         out = F.relu(torch.cat([x[:, :d] + out[:, :d], x[:, d:], out[:, d:]], 1))  # 12 + 8 + 8 channels
-        return self.fc(F.relu6(out.mean((2, 3))))
+        return self.fc(F.relu6((out - self.mix(out)).mean((2, 3))))
 
 
 class UpsampleNet(nn.Module):
