@@ -231,10 +231,8 @@ class OpModule(nn.Module):
             y = F.avg_pool2d(x, a["kernel"], a["stride"], (t, left), ceil_mode=ceil, count_include_pad=False)
         elif k in TABLE_OPS:
             y = table_function(k, a)(x)
-        elif k == "relu":
-            y = F.relu(x)
-        elif k == "relu6":
-            y = F.hardtanh(x, 0.0, 6.0)
+        elif k in CLAMP_OPS:
+            y = x  # a standalone relu / relu6: the activation below, by its kind
         elif k == "resize_nearest":
             # XNNPACK's partitioner has no nearest resize: upsample_nearest2d runs on the portable kernels between
             # delegate partitions, on the dequantized codes, a copy (its float32 index is TFLite's, see
@@ -260,7 +258,7 @@ class OpModule(nn.Module):
             y = x.reshape(x.shape[0], *shape)
         else:
             raise ValueError(k)
-        fused = a.get("fused", "none")
+        fused = k if k in CLAMP_OPS else a.get("fused", "none")
         if fused == "relu":
             y = F.relu(y)
         elif fused == "relu6":

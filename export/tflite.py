@@ -307,22 +307,11 @@ def _emit_fused(c: _Ctx, op: Op, code: str, inputs: list[str], opts: object) -> 
         c.g.op(code, inputs, [c.activation(y)], opts, c.version(code))
 
 
-def _add(c: _Ctx, op: Op) -> None:
+def _binary(c: _Ctx, op: Op, code: str, options: object) -> None:
+    """ADD / SUB / MUL of two activations, with the op's fused activation (a sub's is always none)."""
     a, b = (c.activation(n) for n in op.inputs)
-    c.g.op("ADD", [a, b], [c.activation(op.outputs[0])],
-           tfl.AddOptionsT(fusedActivationFunction=FUSED[op.attrs.get("fused", "none")]), c.version("ADD"))
-
-
-def _sub(c: _Ctx, op: Op) -> None:
-    a, b = (c.activation(n) for n in op.inputs)
-    c.g.op("SUB", [a, b], [c.activation(op.outputs[0])], tfl.SubOptionsT(fusedActivationFunction=FUSED["none"]),
-           c.version("SUB"))
-
-
-def _mul(c: _Ctx, op: Op) -> None:
-    a, b = (c.activation(n) for n in op.inputs)
-    c.g.op("MUL", [a, b], [c.activation(op.outputs[0])],
-           tfl.MulOptionsT(fusedActivationFunction=FUSED[op.attrs.get("fused", "none")]), c.version("MUL"))
+    options.fusedActivationFunction = FUSED[op.attrs.get("fused", "none")]
+    c.g.op(code, [a, b], [c.activation(op.outputs[0])], options, c.version(code))
 
 
 def _mean(c: _Ctx, op: Op) -> None:
@@ -483,8 +472,11 @@ def _gather(c: _Ctx, op: Op) -> None:
 
 
 EMITTERS = {
-    "conv2d": _conv2d, "depthwise_conv2d": _depthwise_conv2d, "fully_connected": _fully_connected, "add": _add,
-    "sub": _sub, "mul": _mul, "mean": _mean, "max_pool2d": lambda c, op: _pool(c, op, "MAX_POOL_2D"),
+    "conv2d": _conv2d, "depthwise_conv2d": _depthwise_conv2d, "fully_connected": _fully_connected,
+    "add": lambda c, op: _binary(c, op, "ADD", tfl.AddOptionsT()),
+    "sub": lambda c, op: _binary(c, op, "SUB", tfl.SubOptionsT()),
+    "mul": lambda c, op: _binary(c, op, "MUL", tfl.MulOptionsT()), "mean": _mean,
+    "max_pool2d": lambda c, op: _pool(c, op, "MAX_POOL_2D"),
     "avg_pool2d": lambda c, op: _pool(c, op, "AVERAGE_POOL_2D"), **dict.fromkeys(TABLE_OPS, _table),
     **dict.fromkeys(CLAMP_OPS, _clamp), "resize_nearest": _resize_nearest, "pad": _pad,
     "reshape": _reshape, "concat": _concat, "gather": _gather,
