@@ -3,8 +3,9 @@
     python -m benchmarks.bench_table_ops [--trials 20] [--seed 0] [--kinds elu,gelu] [--json out/table_ops.json]
 
 For each op kind and each of `--trials` random (input scale, zero point, output scale, zero point) draws (and a
-random LeakyReLU slope / ELU alpha), one single-op QuantizedModel is written as a `.tflite` and a `.pte` and run on
-all 256 input codes: LiteRT (reference kernels and the default XNNPACK path) and the ExecuTorch XNNPACK runtime.
+random LeakyReLU slope / ELU alpha / Softplus beta and threshold), one single-op QuantizedModel is written as a
+`.tflite` and a `.pte` and run on all 256 input codes: LiteRT (reference kernels and the default XNNPACK path)
+and the ExecuTorch XNNPACK runtime.
 Counted: codes where a runtime differs from calibration.reference.table_for (the table both writers carry or
 compute), and, for scale, codes where the table differs from torch's own float32 evaluation of the function (how
 often the "correctly rounded float32" choice of calibration.sim.et_table is visible at all).
@@ -31,7 +32,9 @@ def _draw(rng: np.random.Generator, kind: str) -> tuple[tuple[float, int], tuple
     s_in = float(np.float32(np.exp(rng.uniform(np.log(0.005), np.log(0.2)))))
     s_out = float(np.float32(np.exp(rng.uniform(np.log(0.002), np.log(0.1)))))
     attrs = ({"alpha": round(float(rng.uniform(0.01, 0.3)), 3)} if kind == "leaky_relu" else
-             {"alpha": round(float(rng.uniform(0.2, 2.0)), 3)} if kind == "elu" else {})
+             {"alpha": round(float(rng.uniform(0.2, 2.0)), 3)} if kind == "elu" else
+             {"beta": round(float(rng.uniform(0.5, 3.0)), 3), "threshold": round(float(rng.uniform(1.0, 20.0)), 3)}
+             if kind == "softplus" else {})
     return (s_in, int(rng.integers(-128, 128))), (s_out, int(rng.integers(-128, 128))), attrs
 
 
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 t = {n: Tensor(n, [1, 16, 16, 1], "int8", np.array([s], np.float32), np.array([zp]))
                      for n, (s, zp) in (("x", qi), ("y", qo))}
                 qm = QuantizedModel([Op(kind, ["x"], ["y"], dict(attrs))], t, "x", "y")
-                want = table_for(kind, qi, qo, attrs.get("alpha", 0.0))
+                want = table_for(kind, qi, qo, **attrs)
                 prog = lower(qm)
                 path = Path(tmp) / "m.pte"
                 path.write_bytes(prog.data)

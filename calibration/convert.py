@@ -54,7 +54,8 @@ from ghnq.spelled import fold_spelled_activations
 SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d (folded into a Conv2d before it, else a "
              "1×1 depthwise conv), ReLU (fused into the layer before it, else a standalone clamp), "
              "ReLU6 (or Hardtanh(0, 6)), Hardswish (or x * relu6(x + 3) / 6), Sigmoid, SiLU, Tanh, LeakyReLU, "
-             "ELU, GELU, Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, tensor + / - tensor, "
+             "ELU, GELU, Mish, Softplus, Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, "
+             "tensor + / - tensor, "
              "tensor * tensor, a number times / divided into / added to / subtracted from a Conv2d / Linear / BN "
              "output (folded into its weights), AdaptiveAvgPool2d / AdaptiveMaxPool2d (an output that divides the "
              "input or is a multiple of it), Upsample / F.interpolate (nearest, whole factors), mean "
@@ -343,6 +344,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return "leaky_relu", {"alpha": float(mod.negative_slope)}
         if isinstance(mod, nn.ELU):
             return "elu", {"alpha": float(mod.alpha)}
+        if isinstance(mod, nn.Softplus):
+            return "softplus", {"beta": float(mod.beta), "threshold": float(mod.threshold)}
         if isinstance(mod, nn.GELU):
             return _gelu(node, mod.approximate, fail)
         if isinstance(mod, nn.Hardsigmoid):
@@ -389,6 +392,10 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return "leaky_relu", {"alpha": float(args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01))}
         if target is F.elu:
             return "elu", {"alpha": float(args[1] if len(args) > 1 else kwargs.get("alpha", 1.0))}
+        if target is F.softplus:
+            beta = args[1] if len(args) > 1 else kwargs.get("beta", 1.0)
+            threshold = args[2] if len(args) > 2 else kwargs.get("threshold", 20.0)
+            return "softplus", {"beta": float(beta), "threshold": float(threshold)}
         if target is F.hardsigmoid:
             return "hardsigmoid", {}
         if target in DROPOUT_FUNCTIONS:
@@ -433,10 +440,12 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
     raise fail(node, f"{node.op} {getattr(target, '__name__', target)}")
 
 
-# Elementwise functions lowered to table ops (qmodel.TABLE_OPS); leaky_relu and elu also carry their alpha.
-_TABLE_MODULES = {nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.Tanh: "tanh"}
+# Elementwise functions lowered to table ops (qmodel.TABLE_OPS); leaky_relu and elu also carry their alpha,
+# softplus its beta and threshold.
+_TABLE_MODULES = {nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.Tanh: "tanh",
+                  nn.Mish: "mish"}
 _TABLE_FUNCTIONS = {F.hardswish: "hardswish", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.silu: "silu",
-                    torch.tanh: "tanh", F.tanh: "tanh"}
+                    torch.tanh: "tanh", F.tanh: "tanh", F.mish: "mish"}
 
 
 def _pool(node: fx.Node, kind: str, a: dict, fail) -> tuple[str, dict]:

@@ -17,7 +17,7 @@ LiteRT specifics, named where they are used (see /work/shared/EXPORT-NOTES.md):
   * MEAN folds 1/N into the multiplier: shift' = min(floor(log2 N), 32, 31 + shift),
     mult' = (mult << shift') // N, applied to (sum - zp_in * N) with shift - shift';
   * ADD rescales both inputs to a common scale with left_shift 20 (TFLite's int8 add);
-  * hardswish, sigmoid, silu, tanh, leaky_relu, gelu: a 256-entry int8 table (`table_for`), which export.tflite writes
+  * the table ops (qmodel.TABLE_OPS): a 256-entry int8 table (`table_for`), which export.tflite writes
     as CAST → ADD → GATHER (not TFLite's HARD_SWISH, whose int16 fixed-point kernel is kept here as
     `tflite_hardswish` for comparison, nor LOGISTIC / TANH, which fix the output scale).
 XNNPACK (the default delegate) rounds some of these differently; it may differ from this by one code.
@@ -288,27 +288,28 @@ def _downscale_to_int16(m: int) -> int:
 
 
 @lru_cache(maxsize=4096)
-def table_for(kind: str, qi: tuple[float, int], qo: tuple[float, int], alpha: float = 0.0) -> np.ndarray:
+def table_for(kind: str, qi: tuple[float, int], qo: tuple[float, int], **params: float) -> np.ndarray:
     """A table op (qmodel.TABLE_OPS) as one integer function: table[q + 128] = output code of input code q
-    (read-only). `alpha` is leaky_relu's negative slope, elu's negative saturation.
+    (read-only). `params` are the op's attrs: leaky_relu's / elu's alpha, softplus's beta and threshold.
 
     Why a table, and this one: ExecuTorch's XNNPACK partitioner lowers these ops only in fp32 (inside the
     delegate: dequantize → float32 op → quantize), while TFLite's own int8 kernels compute something else
     (HARD_SWISH: `tflite_hardswish`, up to 1 code away; LOGISTIC / TANH require fixed output scales). A table is
     the one integer function every runtime can evaluate identically, so export.tflite writes this table
     (CAST → ADD 128 → GATHER) and the sim uses it in every rounding mode. It is ExecuTorch's fp32 computation,
-    calibration.sim.et_table (measured code for code). Built once per (kind, qi, qo, alpha).
+    calibration.sim.et_table (measured code for code). Built once per (kind, qi, qo, params).
     """
     from calibration.sim import et_table  # here, not at the top: calibration.sim imports this module
 
-    table = et_table(kind, (float(qi[0]), int(qi[1])), (float(qo[0]), int(qo[1])), float(alpha))
+    table = et_table(kind, (float(qi[0]), int(qi[1])), (float(qo[0]), int(qo[1])),
+                     **{k: float(v) for k, v in params.items()})
     table.flags.writeable = False  # shared by every caller through the cache
     return table
 
 
 def op_table(op: Op, qi: tuple[float, int], qo: tuple[float, int]) -> np.ndarray:
-    """`table_for` of one QM op (its kind and, for leaky_relu / elu, its alpha); qi / qo are (scale, zp) or longer."""
-    return table_for(op.kind, (float(qi[0]), int(qi[1])), (float(qo[0]), int(qo[1])), op.attrs.get("alpha", 0.0))
+    """`table_for` of one QM op (its kind and attrs); qi / qo are (scale, zp) or longer."""
+    return table_for(op.kind, (float(qi[0]), int(qi[1])), (float(qo[0]), int(qo[1])), **op.attrs)
 
 
 def table_lookup(op: Op, x: np.ndarray, qi: tuple[float, int], qo: tuple[float, int]) -> np.ndarray:

@@ -9,7 +9,7 @@ in float64 tensors, batched, CPU or CUDA), quantized at exactly the QM's tensors
     conv / depthwise / fc / mul / mean: the exact integer accumulator acc = Σ (q_x - zp_x)·q_w + q_b
       (float64 holds it exactly), then requantized to the output scale;
     add: in real values, y = (q_a - zp_a)·s_a + (q_b - zp_b)·s_b, then q = round_half_away(y / s_out) + zp_out;
-    hardswish, sigmoid, silu, tanh, leaky_relu, gelu: calibration.reference.table_for in every rounding mode (the
+    the table ops (qmodel.TABLE_OPS): calibration.reference.table_for in every rounding mode (the
       256-entry int8 table of ExecuTorch's fp32 op, which the TFLite writer writes as CAST → ADD → GATHER, so
       all runtimes agree);
     max/avg pool, pad, reshape: on the codes (they share their input's scale);
@@ -96,8 +96,11 @@ def table_function(kind: str, attrs: dict) -> Callable[[torch.Tensor], torch.Ten
     if kind == "elu":
         alpha = float(attrs["alpha"])
         return lambda x: F.elu(x, alpha)
+    if kind == "softplus":
+        beta, threshold = float(attrs["beta"]), float(attrs["threshold"])
+        return lambda x: F.softplus(x, beta, threshold)
     return {"hardswish": F.hardswish, "sigmoid": torch.sigmoid, "silu": F.silu, "tanh": torch.tanh,
-            "gelu": F.gelu}[kind]
+            "gelu": F.gelu, "mish": F.mish}[kind]
 
 
 def run_op(op: Op, args: list[torch.Tensor]) -> torch.Tensor:
@@ -489,12 +492,13 @@ def et_hardswish_table(q_in: tuple[float, int], q_out: tuple[float, int]) -> np.
     return _et_quantize(y, *q_out).numpy().astype(np.int8)
 
 
-def et_table(kind: str, q_in: tuple[float, int], q_out: tuple[float, int], alpha: float = 0.0) -> np.ndarray:
+def et_table(kind: str, q_in: tuple[float, int], q_out: tuple[float, int], **params: float) -> np.ndarray:
     """int8 code + 128 → output code of a table op (qmodel.TABLE_OPS): XNNPACK's f32 op of the dequantized
     code, quantized, as ExecuTorch's delegate runs it (every one is FP32-only in its partitioner configs).
       hardswish: `et_hardswish_table` (the float32 evaluation order matters on ties);
       leaky_relu: x < 0 ? x · float32(alpha) : x, in float32 (XNNPACK's f32 kernel: one rounding);
-      sigmoid, silu, tanh, gelu, elu: the correctly rounded float32 value of the function (evaluated in float64).
+      sigmoid, silu, tanh, gelu, elu, mish, softplus: the correctly rounded float32 value of the function
+        (evaluated in float64; `params` are the op's attrs: alpha, or softplus's beta and threshold).
         XNNPACK evaluates them with float32 approximations of its own, within a few ulps; the quantized code differs
         only where y / s_out is within ~1e-5 of a rounding tie. Measured: the runtime's codes equal this table on
         every code of every (scale, zero point) tried (tests/test_export_executorch.py,
@@ -504,9 +508,9 @@ def et_table(kind: str, q_in: tuple[float, int], q_out: tuple[float, int], alpha
         return et_hardswish_table(q_in, q_out)
     x = torch.arange(-128, 128, dtype=torch.float32).sub(q_in[1]).mul(torch.tensor(_f32(q_in[0])))
     if kind == "leaky_relu":
-        y = torch.where(x < 0, x * torch.tensor(_f32(alpha)), x)
+        y = torch.where(x < 0, x * torch.tensor(_f32(params["alpha"])), x)
     else:
-        y = table_function(kind, {"alpha": alpha})(x.double()).to(torch.float32)
+        y = table_function(kind, params)(x.double()).to(torch.float32)
     return _et_quantize(y, *q_out).numpy().astype(np.int8)
 
 

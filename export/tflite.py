@@ -59,7 +59,8 @@ FUSED = {"none": tfl.ActivationFunctionType.NONE, "relu": tfl.ActivationFunction
          # int8: the output tensor is (1/255, -128), whose int8 range is exactly [0, 1]; the saturating cast
          # is the upper clamp and RELU the lower one (TFLite has no fused 0..1 clamp). fp32: see _fp32_clamp.
          "relu_0_to_1": tfl.ActivationFunctionType.RELU}
-TYPES = {"int8": tfl.TensorType.INT8, "int32": tfl.TensorType.INT32, "float32": tfl.TensorType.FLOAT32}
+TYPES = {"int8": tfl.TensorType.INT8, "int32": tfl.TensorType.INT32, "float32": tfl.TensorType.FLOAT32,
+         "bool": tfl.TensorType.BOOL}
 SIGNATURE = ("serving_default", "input", "logits")
 
 
@@ -419,9 +420,37 @@ def _fp32_table_op(c: _Ctx, op: Op) -> None:
         c.g.op("MUL", [less, f"{out}/alpha"], [scaled], tfl.MulOptionsT(), FP32_VERSION)
         c.g.op("RELU", [x], [pos], None, FP32_VERSION)
         c.g.op("ADD", [pos, scaled], [y], tfl.AddOptionsT(), FP32_VERSION)
+    elif op.kind == "softplus":
+        _fp32_softplus(c, op, x, y, float(op.attrs["beta"]), float(op.attrs["threshold"]))
+    elif op.kind == "mish":  # x · TANH(softplus(x)), torch's beta 1 and threshold 20
+        soft, gate = (c.activation(f"{op.outputs[0]}/{p}", list(c.qm.tensors[op.outputs[0]].shape), like=op.outputs[0])
+                      for p in ("softplus", "tanh"))
+        _fp32_softplus(c, op, x, soft, 1.0, 20.0)
+        c.g.op("TANH", [soft], [gate], None, FP32_VERSION)
+        c.g.op("MUL", [x, gate], [y], tfl.MulOptionsT(), FP32_VERSION)
     else:
         code = {"hardswish": "HARD_SWISH", "sigmoid": "LOGISTIC", "tanh": "TANH"}[op.kind]
         c.g.op(code, [x], [y], None, FP32_VERSION)
+
+
+def _fp32_softplus(c: _Ctx, op: Op, x: str, y: str, beta: float, threshold: float) -> None:
+    """torch's softplus in TFLite float builtins (there is no SOFTPLUS): z = beta · x;
+    SELECT_V2(z > threshold, x, LOG(EXP(MINIMUM(z, threshold)) + 1) / beta)."""
+    out, shape = y, list(c.qm.tensors[op.outputs[0]].shape)
+    z, clipped, exp, sum1, log, soft = (c.activation(f"{out}/{p}", shape, like=op.outputs[0])
+                                         for p in ("z", "clipped", "exp", "plus1", "log", "soft"))
+    above = f"{out}/above"
+    c.g.tensor(above, shape, "bool")
+    for name, value in (("beta", beta), ("threshold", threshold), ("one", 1.0), ("inv_beta", 1.0 / beta)):
+        c.g.tensor(f"{out}/{name}", [1], "float32", data=np.array([value], np.float32))
+    c.g.op("MUL", [x, f"{out}/beta"], [z], tfl.MulOptionsT(), FP32_VERSION)
+    c.g.op("MINIMUM", [z, f"{out}/threshold"], [clipped], None, FP32_VERSION)
+    c.g.op("EXP", [clipped], [exp], None, FP32_VERSION)
+    c.g.op("ADD", [exp, f"{out}/one"], [sum1], tfl.AddOptionsT(), FP32_VERSION)
+    c.g.op("LOG", [sum1], [log], None, FP32_VERSION)
+    c.g.op("MUL", [log, f"{out}/inv_beta"], [soft], tfl.MulOptionsT(), FP32_VERSION)
+    c.g.op("GREATER", [z, f"{out}/threshold"], [above], None, FP32_VERSION)
+    c.g.op("SELECT_V2", [above, x, soft], [y], None, FP32_VERSION)
 
 
 def _clamp(c: _Ctx, op: Op) -> None:

@@ -41,7 +41,7 @@ from torchvision.ops import Conv2dNormActivation, SqueezeExcitation
 from ghnq.cli import UserError, run_cli
 
 BLOCKS = ("conv", "sep", "mbconv", "basic", "bottleneck", "shuffle")
-ACTS = ("relu", "relu6", "hardswish", "silu", "gelu", "none")  # gelu: the exact (erf) form
+ACTS = ("relu", "relu6", "hardswish", "silu", "gelu", "mish", "none")  # gelu: the exact (erf) form
 GATES = ("hardsigmoid", "sigmoid")  # squeeze-excite gate: MobileNetV3's or EfficientNet's
 KERNELS = (1, 3, 5, 7)
 STRIDES = (1, 2)
@@ -315,7 +315,7 @@ def _validate_torchvision(source: str, model: Any, args: Any) -> dict:
 
 def _act_layer(name: str) -> type[nn.Module] | None:
     return {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "silu": nn.SiLU, "gelu": nn.GELU,
-            "none": None}[name]
+            "mish": nn.Mish, "none": None}[name]
 
 
 def conv_bn_act(cin: int, cout: int, kernel: int, stride: int, act: str, groups: int = 1) -> nn.Module:

@@ -138,6 +138,35 @@ class EluNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class MishNet(nn.Module):
+    """CSPDarknet-style (YOLOv4's backbone): conv-BN-Mish layers, a cross-stage-partial split (two 1×1 branches,
+    one through a residual block whose sum takes F.mish), joined by a cat, and a Softplus(beta=2, threshold=5)
+    head. Mish and Softplus are table ops: a GATHER in the .tflite; in ExecuTorch to_edge decomposes them, and
+    their gt / log1p / where run on the portable kernels between delegate partitions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def cbm(c_in: int, c_out: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False), nn.BatchNorm2d(c_out),
+                                 nn.Mish())
+
+        self.stem = cbm(3, 16, 3, 2)
+        self.part1, self.part2 = cbm(16, 8, 1), cbm(16, 8, 1)
+        self.block = nn.Sequential(cbm(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.join = cbm(16, 16, 1)
+        self.head = nn.Conv2d(16, 24, 1)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        a, b = self.part1(x), self.part2(x)
+        b = F.mish(b + self.block(b))
+        x = self.join(torch.cat([a, b], 1))
+        x = F.softplus(self.head(x), beta=2.0, threshold=5.0)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 class TorchPoolNet(nn.Module):
     """Pools as user code writes them: functions (pytorch-cifar's ResNet ends in F.avg_pool2d(out, 4)), ceil-mode
     max pools on an odd map (extra bottom/right padding that is TFLite SAME) and on an even one with padding (not
@@ -327,4 +356,4 @@ USER_NETS: dict[str, type[nn.Module]] = {
     "flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet, "shufflenet": ShuffleNet,
     "picknet": PickNet, "elunet": EluNet, "torchpoolnet": TorchPoolNet, "padnet": PadNet, "spellednet": SpelledNet,
     "preactnet": PreActNet, "widepoolnet": WidePoolNet, "dualpathnet": DualPathNet,
-    "upsamplenet": UpsampleNet}
+    "upsamplenet": UpsampleNet, "mishnet": MishNet}

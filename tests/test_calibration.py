@@ -264,10 +264,11 @@ def test_exact_integer_accumulators(cin, groups, wmax):
 
 
 TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.2}),
-          ("gelu", {}), ("elu", {"alpha": 1.0}), ("elu", {"alpha": 0.4})]
+          ("gelu", {}), ("elu", {"alpha": 1.0}), ("elu", {"alpha": 0.4}),
+          ("mish", {}), ("softplus", {"beta": 1.0, "threshold": 20.0}), ("softplus", {"beta": 2.0, "threshold": 3.0})]
 
 
-@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + str(a.get("alpha", "")) for k, a in TABLES])
+@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + "".join(f"-{v:g}" for v in a.values()) for k, a in TABLES])
 @pytest.mark.parametrize("qi, qo", [((0.0655, -12), (0.00725, -94)), ((0.05, 0), (0.02, -100))])
 def test_table_op_is_one_table_in_every_rounding(kind, attrs, qi, qo):
     """A table op on all 256 codes: the integer reference and the sim in every rounding mode compute the same
@@ -281,7 +282,7 @@ def test_table_op_is_one_table_in_every_rounding(kind, attrs, qi, qo):
     qm = QuantizedModel([op], t, "x", "y")
     x = np.arange(-128, 128, dtype=np.int8).reshape(1, 16, 16, 1)
     want = reference.table_lookup(op, x, qi, qo)
-    assert np.array_equal(want.ravel(), et_table(kind, qi, qo, attrs.get("alpha", 0.0)))
+    assert np.array_equal(want.ravel(), et_table(kind, qi, qo, **attrs))
     real = table_function(kind, attrs)((torch.from_numpy(x).double() - qi[1]) * qi[0])
     ideal = (real / qo[0]).round().add(qo[1]).clamp(-128, 127).numpy()
     assert np.abs(want - ideal).max() <= 1  # float32 and rounding ties only

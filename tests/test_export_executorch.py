@@ -258,6 +258,24 @@ def test_elu_net_runs_code_for_code_beside_the_delegate(tmp_path: Path) -> None:
     assert np.array_equal(et, simulate(qm, images, rounding="executorch"))
 
 
+def test_mish_softplus_net_runs_code_for_code_beside_the_delegate(tmp_path: Path) -> None:
+    """CSPDarknet-style Mish (five modules and one F.mish) and a Softplus(beta=2, threshold=5): each runs whole
+    on the portable kernels in float64 between delegate partitions (named in the report, no conv or add outside
+    the delegate), and the runtime's logits are the sim's and LiteRT XNNPACK's, code for code."""
+    from export.tflite import LiteRTRunner, build_tflite
+
+    qm, _ = get("mishnet")
+    kinds = [op.kind for op in qm.ops]
+    assert kinds.count("mish") == 6 and kinds.count("softplus") == 1
+    assert [op.attrs for op in qm.ops if op.kind == "softplus"] == [{"beta": 2.0, "threshold": 5.0}]
+    d = program("mishnet").delegation
+    assert d["outside_delegate"]["aten_tanh_default"] == 6 and d["outside_delegate"]["aten_div_tensor"] == 1
+    assert d["compute_outside_delegate"] == {}
+    qm, images, et = _run_et("mishnet", tmp_path)
+    assert np.array_equal(et, simulate(qm, images, rounding="executorch"))
+    assert np.array_equal(et, LiteRTRunner(build_tflite(qm), "xnnpack")(input_codes(images)))
+
+
 def test_nearest_upsampling_runs_code_for_code_beside_the_delegate(tmp_path: Path) -> None:
     """XNNPACK's partitioner has no nearest resize: each of the three upsamplings runs on the portable kernels
     between delegate partitions (named in the report, no compute op outside), a copy of codes, and the runtime's
@@ -301,24 +319,32 @@ def test_fp32_ops_inside_the_delegate_alone(s_in: float, zp_in: int, s_out: floa
 
 
 TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.1}),
-          ("gelu", {}), ("elu", {"alpha": 1.0}), ("elu", {"alpha": 0.5})]
+          ("gelu", {}), ("elu", {"alpha": 1.0}), ("elu", {"alpha": 0.5}),
+          ("mish", {}), ("softplus", {"beta": 1.0, "threshold": 20.0}), ("softplus", {"beta": 2.0, "threshold": 3.0})]
 
 
-@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + str(a.get("alpha", "")) for k, a in TABLES])
+@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + "".join(f"-{v:g}" for v in a.values()) for k, a in TABLES])
 @pytest.mark.parametrize("qi, qo", [((0.0655, -12), (0.00725, -94)), ((0.031, 7), (0.0211, -3))])
 def test_table_op_in_executorch_on_every_code(kind: str, attrs: dict, qi: tuple[float, int],
                                               qo: tuple[float, int], tmp_path: Path) -> None:
     """Each table op alone on all 256 input codes runs inside the XNNPACK delegate (fp32 between convert ops;
     SiLU as sigmoid and mul) and returns the integer reference's table, code for code. ELU, which ExecuTorch
     1.5.1's partitioner leaves out (its config is commented out), runs on the portable kernels in float32 between
-    the delegate's dequantize and quantize, with the same codes; the report names it."""
+    the delegate's dequantize and quantize, with the same codes; the report names it. Mish and Softplus run there
+    too, decomposed, in float64 (the correctly rounded float32 value: the table by construction)."""
     from calibration.reference import table_lookup
 
     op = Op(kind, ["x"], ["y"], dict(attrs))
     shape = [1, 16, 16, 1]
     qm = QuantizedModel([op], {"x": _t("x", shape, *qi), "y": _t("y", shape, *qo)}, "x", "y")
     prog = E.lower(qm)
-    if kind in E.OUTSIDE_DELEGATE:
+    if kind in E.FLOAT64_PORTABLE:  # decomposed, in float64, every node outside the delegate
+        assert E.fp32_inside_delegate(qm) == {}
+        outside = prog.delegation["outside_delegate"]
+        assert {"aten_exp_default", "aten_log1p_default", "aten_where_self"} <= set(outside)
+        assert outside["dim_order_ops__to_dim_order_copy_default"] >= 2  # the casts to float64 and back
+        assert prog.delegation["compute_outside_delegate"] == {}  # (mish's mul is its own, in float64)
+    elif kind in E.OUTSIDE_DELEGATE:
         assert E.fp32_inside_delegate(qm) == {}
         assert prog.delegation["outside_delegate"] == {f"aten_{kind}_default": 1}
     else:

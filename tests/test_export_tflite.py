@@ -236,10 +236,11 @@ def test_xnnpack_within_one_step_per_op(name: str) -> None:
 
 
 TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.1}),
-          ("gelu", {}), ("elu", {"alpha": 1.0}), ("elu", {"alpha": 0.4})]
+          ("gelu", {}), ("elu", {"alpha": 1.0}), ("elu", {"alpha": 0.4}),
+          ("mish", {}), ("softplus", {"beta": 1.0, "threshold": 20.0}), ("softplus", {"beta": 2.0, "threshold": 3.0})]
 
 
-@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + str(a.get("alpha", "")) for k, a in TABLES])
+@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + "".join(f"-{v:g}" for v in a.values()) for k, a in TABLES])
 @pytest.mark.parametrize("qi, qo", [((0.0655, -12), (0.00725, -94)), ((0.05, 0), (0.02, -100)),
                                      ((0.11, 30), (0.06, -128))])
 def test_table_op_on_every_code(kind: str, attrs: dict, qi: tuple[float, int], qo: tuple[float, int]) -> None:
@@ -251,7 +252,7 @@ def test_table_op_on_every_code(kind: str, attrs: dict, qi: tuple[float, int], q
     qm = QuantizedModel([op], t, "x", "y")
     x = np.arange(-128, 128, dtype=np.int8).reshape(1, 16, 16, 1)
     want = reference.table_lookup(op, x, qi, qo)
-    assert np.array_equal(want.ravel(), reference.table_for(kind, qi, qo, attrs.get("alpha", 0.0)))
+    assert np.array_equal(want.ravel(), reference.table_for(kind, qi, qo, **attrs))
     assert len(np.unique(want)) > 10  # a real function of the input, not a constant
     data = T.build_tflite(qm)
     assert T.op_histogram(data) == {"CAST": 1, "ADD": 1, "GATHER": 1}
@@ -262,7 +263,7 @@ def test_table_op_on_every_code(kind: str, attrs: dict, qi: tuple[float, int], q
     assert {np.dtype(d["dtype"]).name for d in details} == {"int8", "int32"}
 
 
-@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + str(a.get("alpha", "")) for k, a in TABLES])
+@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + "".join(f"-{v:g}" for v in a.values()) for k, a in TABLES])
 def test_table_op_fp32_twin_is_the_float_function(kind: str, attrs: dict) -> None:
     """The fp32 twin writes TFLite's float builtins (SiLU as x · LOGISTIC(x)); they compute torch's function."""
     from calibration.sim import table_function

@@ -76,7 +76,7 @@ stages:
   - {block: conv, out: 8, kernel: 1, act: none}
   - {block: sep, out: 16, kernel: 7, stride: 2, act: relu6}
   - {block: mbconv, out: 16, kernel: 5, expand: 3, se: true, act: hardswish, repeat: 2}
-  - {block: basic, out: 24, kernel: 5, stride: 2}
+  - {block: basic, out: 24, kernel: 5, stride: 2, act: mish}
   - {block: bottleneck, out: 32, expand: 0.5, stride: 1, repeat: 2}
   - {block: mbconv, out: 24, kernel: 3, expand: 4, se: true, gate: sigmoid, act: silu}
   - {block: bottleneck, out: 40, expand: 0.5, group_width: 8, act: gelu}
@@ -88,7 +88,7 @@ head: {hidden: 32, dropout: 0.2}
     with torch.no_grad():
         assert model(batch[:2]).shape == (2, 7)
     kinds = {type(m) for m in model.modules()}
-    assert {nn.SiLU, nn.GELU, nn.Sigmoid, nn.Hardsigmoid} <= kinds
+    assert {nn.SiLU, nn.GELU, nn.Mish, nn.Sigmoid, nn.Hardsigmoid} <= kinds
     gelu = next(m for m in model.modules() if isinstance(m, nn.GELU))
     assert gelu.approximate == "none"  # the erf form: the only GELU the exporters take
     units = [m for m in model.modules() if type(m).__name__ == "ShuffleBlock"]
