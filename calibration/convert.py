@@ -54,7 +54,7 @@ from ghnq.spelled import fold_spelled_activations
 SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d (folded into a Conv2d before it, else a "
              "1×1 depthwise conv), ReLU (fused into the layer before it, else a standalone clamp), "
              "ReLU6 (or Hardtanh(0, 6)), Hardswish (or x * relu6(x + 3) / 6), Sigmoid, SiLU, Tanh, LeakyReLU, "
-             "ELU, GELU, Mish, Softplus, Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, "
+             "ELU, GELU, Mish, Softplus, PReLU, Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, "
              "tensor + / - tensor, "
              "tensor * tensor, a number times / divided into / added to / subtracted from a Conv2d / Linear / BN "
              "output (folded into its weights), AdaptiveAvgPool2d / AdaptiveMaxPool2d (an output that divides the "
@@ -171,6 +171,8 @@ def float_graph(model: nn.Module, input_chw: list[int]) -> FloatGraph:
             output_name = name_of[arg]
             continue
         if node.op == "get_attr":
+            if node.users and all(_prelu_weight(u) is node for u in node.users):
+                continue  # F.prelu's slopes (a subclassed nn.PReLU traces to this): the prelu op's attrs
             raise fail(node, "a parameter used directly in forward()")
         first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         flatten = node.target in ("view", "reshape", "flatten", torch.reshape, torch.flatten) and \
@@ -344,6 +346,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return "leaky_relu", {"alpha": float(mod.negative_slope)}
         if isinstance(mod, nn.ELU):
             return "elu", {"alpha": float(mod.alpha)}
+        if isinstance(mod, nn.PReLU):
+            return _prelu(mod.weight)
         if isinstance(mod, nn.Softplus):
             return "softplus", {"beta": float(mod.beta), "threshold": float(mod.threshold)}
         if isinstance(mod, nn.GELU):
@@ -392,6 +396,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return "leaky_relu", {"alpha": float(args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01))}
         if target is F.elu:
             return "elu", {"alpha": float(args[1] if len(args) > 1 else kwargs.get("alpha", 1.0))}
+        if _prelu_weight(node) is not None:
+            return _prelu(node.graph.owning_module.get_parameter(_prelu_weight(node).target))
         if target is F.softplus:
             beta = args[1] if len(args) > 1 else kwargs.get("beta", 1.0)
             threshold = args[2] if len(args) > 2 else kwargs.get("threshold", 20.0)
@@ -557,6 +563,20 @@ def _concat(node: fx.Node, fail) -> tuple[str, dict]:
     if rank not in (2, 4) or dim % rank != 1:
         raise fail(node, f"cat along dim {dim} of {rank}-D tensors (only along channels, dim 1)")
     return "concat", {"axis": 3 if rank == 4 else 1}
+
+
+def _prelu_weight(node: fx.Node) -> fx.Node | None:
+    """The get_attr node of F.prelu(x, weight)'s weight when it is a model parameter, else None."""
+    if node.op != "call_function" or node.target not in (F.prelu, torch.prelu):
+        return None
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    return w if isinstance(w, fx.Node) and w.op == "get_attr" else None
+
+
+def _prelu(weight: torch.Tensor) -> tuple[str, dict]:
+    """One slope: leaky_relu's function; one per channel: a prelu op, a table per channel."""
+    alpha = [float(v) for v in weight.detach().float().reshape(-1)]
+    return ("leaky_relu", {"alpha": alpha[0]}) if len(alpha) == 1 else ("prelu", {"alpha": alpha})
 
 
 def _hardtanh_bounds(args: tuple, kwargs: dict) -> tuple[float, float]:

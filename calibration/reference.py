@@ -308,13 +308,20 @@ def table_for(kind: str, qi: tuple[float, int], qo: tuple[float, int], **params:
 
 
 def op_table(op: Op, qi: tuple[float, int], qo: tuple[float, int]) -> np.ndarray:
-    """`table_for` of one QM op (its kind and attrs); qi / qo are (scale, zp) or longer."""
-    return table_for(op.kind, (float(qi[0]), int(qi[1])), (float(qo[0]), int(qo[1])), **op.attrs)
+    """`table_for` of one QM op (its kind and attrs); qi / qo are (scale, zp) or longer. A prelu has one table per
+    channel, [C, 256]: channel c's is leaky_relu's with alpha[c]."""
+    qi, qo = (float(qi[0]), int(qi[1])), (float(qo[0]), int(qo[1]))
+    if op.kind == "prelu":
+        return np.stack([table_for("leaky_relu", qi, qo, alpha=a) for a in op.attrs["alpha"]])
+    return table_for(op.kind, qi, qo, **op.attrs)
 
 
 def table_lookup(op: Op, x: np.ndarray, qi: tuple[float, int], qo: tuple[float, int]) -> np.ndarray:
-    """int8 table op: integer codes in → `op_table` → integer codes out."""
-    return op_table(op, qi, qo)[x.astype(np.int64) + 128]
+    """int8 table op: integer codes in → `op_table` → integer codes out (channels last: a prelu's row per channel)."""
+    table = op_table(op, qi, qo)
+    if table.ndim == 2:
+        return table.ravel()[x.astype(np.int64) + 128 + 256 * np.arange(x.shape[-1])]
+    return table[x.astype(np.int64) + 128]
 
 
 def tflite_hardswish(x: np.ndarray, qi: tuple[float, int], qo: tuple[float, int]) -> np.ndarray:

@@ -96,6 +96,9 @@ def table_function(kind: str, attrs: dict) -> Callable[[torch.Tensor], torch.Ten
     if kind == "elu":
         alpha = float(attrs["alpha"])
         return lambda x: F.elu(x, alpha)
+    if kind == "prelu":
+        alpha = torch.tensor(attrs["alpha"], dtype=torch.float32)
+        return lambda x: F.prelu(x, alpha.to(x))
     if kind == "softplus":
         beta, threshold = float(attrs["beta"]), float(attrs["threshold"])
         return lambda x: F.softplus(x, beta, threshold)
@@ -197,7 +200,11 @@ class Simulator:
             # every runtime evaluates this same table, so the sim is bit-exact here in all of them
             qi, qo = self.q[op.inputs[0]], self.q[op.outputs[0]]
             lut = op_table(op, qi, qo)
-            p["lut"] = torch.as_tensor(lut.astype(np.float64), device=dev).to(self.dtype)
+            p["lut"] = torch.as_tensor(lut.ravel().astype(np.float64), device=dev).to(self.dtype)
+            # index = code + 128, plus 256 · channel for a per-channel table (a prelu's; channels are dim 1 here)
+            rank = len(self.qm.tensors[op.inputs[0]].shape)
+            offset = 128 + 256 * torch.arange(len(lut) if lut.ndim == 2 else 1, device=dev)
+            p["offset"] = offset.view(1, -1, *[1] * (rank - 2)) if lut.ndim == 2 else offset[0]
         elif op.kind == "mean":
             shape = self.qm.tensors[op.inputs[0]].shape
             n = shape[1] * shape[2]
@@ -256,7 +263,7 @@ class Simulator:
                 y = round_half_away((real[0] + real[1] if k == "add" else real[0] - real[1]) / s_out)
         elif k in TABLE_OPS:
             lo, hi = p["clamp"]
-            return p["lut"][(args[0] + 128).long()].clamp(lo, hi)
+            return p["lut"][(args[0] + p["offset"]).long()].clamp(lo, hi)
         elif k == "max_pool2d":
             return F.max_pool2d(_pad(args[0], a["padding"], float("-inf")), a["kernel"], a["stride"])
         elif k == "avg_pool2d" and "avg_pool2d" in self.fp32_ops:

@@ -99,6 +99,7 @@ MUST_DELEGATE = ("aten_convolution_default", "aten_linear_default", "aten_add_te
                  "aten_mean_dim", "aten_max_pool2d_default", "aten_avg_pool2d_default",
                  "aten_max_pool2d_with_indices_default", "aten_hardswish_default", "aten_sigmoid_default",
                  "aten_tanh_default", "aten_leaky_relu_default", "aten_gelu_default", "aten_relu_default",
+                 "aten_prelu_default",
                  "aten_hardtanh_default")
 ACT_MIN, ACT_MAX, W_MIN, W_MAX = -128, 127, -127, 127  # XNNPACK's int8 ranges (activations, weights)
 
@@ -204,6 +205,8 @@ class OpModule(nn.Module):
         if op.kind in ("max_pool2d", "avg_pool2d"):
             self.pool_padding = _pool_padding(op, qm.tensors[op.inputs[0]].shape[1:3],
                                               qm.tensors[op.outputs[0]].shape[1:3])
+        if op.kind == "prelu":  # XNNPACK's PReLU config takes the slopes only as a parameter, in fp32
+            self.alpha = nn.Parameter(torch.tensor(op.attrs["alpha"], dtype=torch.float32), requires_grad=False)
         if op.kind == "gather":
             self.form = gather_form(op.attrs["indices"], qm.tensors[op.inputs[0]].shape[-1])
             self.register_buffer("indices", torch.tensor(op.attrs["indices"], dtype=torch.int64))
@@ -238,6 +241,8 @@ class OpModule(nn.Module):
             y = F.avg_pool2d(x, a["kernel"], a["stride"], (t, left), ceil_mode=ceil, count_include_pad=False)
         elif k in FLOAT64_PORTABLE:
             y = table_function(k, a)(x.double()).float()
+        elif k == "prelu":
+            y = F.prelu(x, self.alpha)
         elif k in TABLE_OPS:
             y = table_function(k, a)(x)
         elif k in CLAMP_OPS:

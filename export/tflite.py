@@ -388,11 +388,14 @@ def _table(c: _Ctx, op: Op) -> None:
     codes, index = f"{y}/codes", f"{y}/index"
     c.g.tensor(codes, shape, "int32")
     c.g.tensor(index, shape, "int32")
-    c.g.tensor(f"{y}/table", [256], "int8", data=np.array(table, np.int8), scale=t_out.scale,
+    c.g.tensor(f"{y}/table", [table.size], "int8", data=np.array(table, np.int8).ravel(), scale=t_out.scale,
                zero_point=t_out.zero_point)
+    # index = code + 128; a per-channel table (prelu's, [C, 256] flattened) adds 256 · channel, broadcast over
+    # the last (channel) axis
+    offset = [128] if table.ndim == 1 else list(128 + 256 * np.arange(len(table)))
     c.g.op("CAST", [c.activation(x)], [codes], tfl.CastOptionsT(inDataType=tfl.TensorType.INT8,
                                                                  outDataType=tfl.TensorType.INT32), c.version("CAST"))
-    c.g.op("ADD", [codes, c.int32_const(f"{y}/offset", [128])], [index], tfl.AddOptionsT(), INT32_VERSIONS["ADD"])
+    c.g.op("ADD", [codes, c.int32_const(f"{y}/offset", offset)], [index], tfl.AddOptionsT(), INT32_VERSIONS["ADD"])
     c.g.op("GATHER", [f"{y}/table", index], [c.activation(y)], tfl.GatherOptionsT(axis=0, batchDims=0),
            c.version("GATHER"))
 
@@ -420,6 +423,10 @@ def _fp32_table_op(c: _Ctx, op: Op) -> None:
         c.g.op("MUL", [less, f"{out}/alpha"], [scaled], tfl.MulOptionsT(), FP32_VERSION)
         c.g.op("RELU", [x], [pos], None, FP32_VERSION)
         c.g.op("ADD", [pos, scaled], [y], tfl.AddOptionsT(), FP32_VERSION)
+    elif op.kind == "prelu":
+        alpha = np.array(op.attrs["alpha"], np.float32)
+        c.g.tensor(f"{op.outputs[0]}/alpha", [len(alpha)], "float32", data=alpha)
+        c.g.op("PRELU", [x, f"{op.outputs[0]}/alpha"], [y], None, FP32_VERSION)
     elif op.kind == "softplus":
         _fp32_softplus(c, op, x, y, float(op.attrs["beta"]), float(op.attrs["threshold"]))
     elif op.kind == "mish":  # x · TANH(softplus(x)), torch's beta 1 and threshold 20

@@ -281,6 +281,8 @@ def extract_graph(model: nn.Module, gm: fx.GraphModule | None = None, input_hw: 
                 kind = None
             elif isinstance(m, nn.ZeroPad2d | nn.ConstantPad2d):  # part of the next layer's padding, as in GHN-2
                 h, kind = h + _pad_height(m.padding), None
+            elif isinstance(m, nn.PReLU):  # an activation whose slopes the model keeps (GHN-Q predicts no slopes)
+                kind = "other"
             elif any(True for _ in m.parameters(recurse=False)):
                 raise UserError(f"GHN-Q cannot predict parameters of module '{fxn.target}' "
                                 f"({type(m).__name__}); supported: Conv2d, Linear, BatchNorm/LayerNorm/GroupNorm")

@@ -167,6 +167,40 @@ class MishNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class _SlopedPReLU(nn.PReLU):
+    """A PReLU whose slopes are given (reset_parameters, which the tests' seeded init calls, restores them)."""
+
+    def __init__(self, slopes: torch.Tensor) -> None:
+        self.slopes = slopes
+        super().__init__(len(slopes))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(self.slopes)
+
+
+class PReluNet(nn.Module):
+    """MobileFaceNet-style: conv-BN-PReLU(C) (a slope per channel: one table per channel), a depthwise-separable
+    residual block, and a one-slope PReLU after the Linear (LeakyReLU's function). The slopes are set, not
+    learned (torch's init is 0.25 everywhere): negative, zero and above one included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16),
+                                  _SlopedPReLU(torch.linspace(-0.5, 1.5, 16)))
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False), nn.BatchNorm2d(16),
+                                _SlopedPReLU(torch.linspace(0.6, -0.2, 16)))
+        self.pw = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, 12)
+        self.act = _SlopedPReLU(torch.tensor([0.1]))
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.pw(self.dw(x))
+        return self.head(self.act(self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))))
+
+
 class TorchPoolNet(nn.Module):
     """Pools as user code writes them: functions (pytorch-cifar's ResNet ends in F.avg_pool2d(out, 4)), ceil-mode
     max pools on an odd map (extra bottom/right padding that is TFLite SAME) and on an even one with padding (not
@@ -356,4 +390,4 @@ USER_NETS: dict[str, type[nn.Module]] = {
     "flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet, "shufflenet": ShuffleNet,
     "picknet": PickNet, "elunet": EluNet, "torchpoolnet": TorchPoolNet, "padnet": PadNet, "spellednet": SpelledNet,
     "preactnet": PreActNet, "widepoolnet": WidePoolNet, "dualpathnet": DualPathNet,
-    "upsamplenet": UpsampleNet, "mishnet": MishNet}
+    "upsamplenet": UpsampleNet, "mishnet": MishNet, "prelunet": PReluNet}

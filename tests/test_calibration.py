@@ -956,3 +956,37 @@ def test_op_inputs_come_from_args_and_kwargs_with_repeats(calib_images):
     cat, mul = (op for op in qm.ops if op.kind in ("concat", "mul"))
     assert len(cat.inputs) == 2 and mul.inputs == [cat.outputs[0]] * 2
     assert np.array_equal(simulate(qm, calib_images[:16]), reference.run(qm, calib_images[:16]))
+
+
+class _FunctionalPReLU(nn.Module):
+    """F.prelu(x, self.slopes) as user code writes it, with a Parameter; `misuse` also adds the slopes to the map
+    (a parameter read directly by something other than F.prelu)."""
+
+    def __init__(self, misuse: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.slopes = nn.Parameter(torch.linspace(-0.4, 0.9, 8))
+        self.fc = nn.Linear(8, 10)
+        self.misuse = misuse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.prelu(self.conv(x), self.slopes)
+        if self.misuse:
+            y = y + self.slopes.view(1, -1, 1, 1)
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def test_functional_prelu_with_a_parameter_is_a_prelu_op(calib_images, test_images):
+    """F.prelu with a model Parameter: a prelu op whose alpha are those slopes, and the sim is the integer
+    reference; the same parameter read by anything else is still refused by name."""
+    torch.manual_seed(0)
+    qm = _user_net_qm(_FunctionalPReLU(), calib_images, test_images)
+    prelu = next(op for op in qm.ops if op.kind == "prelu")
+    assert prelu.attrs["alpha"] == pytest.approx(torch.linspace(-0.4, 0.9, 8).tolist())
+    with pytest.raises(UserError, match="slopes.*a parameter used directly in forward"):
+        calibrate(_FunctionalPReLU(misuse=True), calib_images[:8], progress=False)
+    for bad_alpha in (prelu.attrs["alpha"][:-1], [*prelu.attrs["alpha"][:-1], float("inf")], 0.25):
+        bad = copy.deepcopy(qm)
+        next(op for op in bad.ops if op.kind == "prelu").attrs["alpha"] = bad_alpha
+        with pytest.raises(UserError, match="prelu needs a list of 8 finite negative slopes"):
+            bad.validate()

@@ -358,6 +358,41 @@ def test_table_op_in_executorch_on_every_code(kind: str, attrs: dict, qi: tuple[
     assert np.array_equal(got.reshape(want.shape), want), int((got.reshape(want.shape) != want).sum())
 
 
+def test_prelu_in_executorch_on_every_code_of_every_channel(tmp_path: Path) -> None:
+    """A per-channel PReLU runs inside the XNNPACK delegate (fp32, its slopes a parameter) and returns the integer
+    reference's per-channel tables on all 256 codes of each of 4 channels."""
+    from calibration.reference import table_lookup
+
+    alpha, qi, qo = [-0.3, 0.0, 0.25, 1.4], (0.05, 3), (0.03, -20)
+    op = Op("prelu", ["x"], ["y"], {"alpha": alpha})
+    shape = [1, 16, 16, 4]
+    qm = QuantizedModel([op], {"x": _t("x", shape, *qi), "y": _t("y", shape, *qo)}, "x", "y")
+    prog = E.lower(qm)
+    assert E.fp32_inside_delegate(qm) == {"prelu": 1}
+    assert prog.delegation["outside_delegate"] == {} and prog.delegation["delegated_subgraphs"] == 1
+    path = tmp_path / "m.pte"
+    path.write_bytes(prog.data)
+    x = np.tile(np.arange(-128, 128, dtype=np.int8).reshape(1, 16, 16, 1), (1, 1, 1, 4))
+    got = E.ExecuTorchRunner(path)(x).reshape(1, 4, 16, 16).transpose(0, 2, 3, 1)  # the program's output is NCHW
+    want = table_lookup(op, x, qi, qo)
+    assert np.array_equal(got, want), int((got != want).sum())
+
+
+def test_prelu_net_runs_code_for_code_in_one_delegate(tmp_path: Path) -> None:
+    """PReluNet: two per-channel PReLUs and a one-slope PReLU (a leaky_relu op), all in one delegate; the runtime's
+    logits are the executorch sim's and LiteRT XNNPACK's."""
+    from export.tflite import LiteRTRunner, build_tflite
+
+    qm, _ = get("prelunet")
+    assert [op.kind for op in qm.ops].count("prelu") == 2
+    assert [op.attrs["alpha"] for op in qm.ops if op.kind == "leaky_relu"] == [pytest.approx(0.1)]
+    d = program("prelunet").delegation
+    assert d["delegated_subgraphs"] == 1 and d["outside_delegate"] == {}
+    qm, images, et = _run_et("prelunet", tmp_path)
+    assert np.array_equal(et, simulate(qm, images, rounding="executorch"))
+    assert np.array_equal(et, LiteRTRunner(build_tflite(qm), "xnnpack")(input_codes(images)))
+
+
 def test_executorch_hardswish_table_is_not_tflites() -> None:
     """The fp32 hardswish ExecuTorch runs and TFLite's int16 fixed-point HARD_SWISH differ on some codes (why the
     TFLite writer writes the table instead of HARD_SWISH)."""

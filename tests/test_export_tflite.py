@@ -263,6 +263,35 @@ def test_table_op_on_every_code(kind: str, attrs: dict, qi: tuple[float, int], q
     assert {np.dtype(d["dtype"]).name for d in details} == {"int8", "int32"}
 
 
+def test_prelu_is_one_table_per_channel_on_every_code() -> None:
+    """A per-channel PReLU (4 slopes: negative, zero, small, above one) on all 256 codes of each channel: the
+    .tflite's GATHER reads table row c for channel c (CAST → ADD of 128 + 256·c → GATHER), and every LiteRT kernel
+    set returns the integer reference's codes; row c is LeakyReLU's table with slope c; the fp32 twin is PRELU."""
+    from calibration.sim import table_function
+
+    alpha, qi, qo = [-0.3, 0.0, 0.25, 1.4], (0.05, 3), (0.03, -20)
+    t = {n: Tensor(n, [1, 16, 16, 4], "int8", np.array([s], np.float32), np.array([zp]))
+         for n, (s, zp) in (("x", qi), ("y", qo))}
+    op = Op("prelu", ["x"], ["y"], {"alpha": alpha})
+    qm = QuantizedModel([op], t, "x", "y")
+    x = np.tile(np.arange(-128, 128, dtype=np.int8).reshape(1, 16, 16, 1), (1, 1, 1, 4))
+    want = reference.table_lookup(op, x, qi, qo)
+    for c, a in enumerate(alpha):
+        assert np.array_equal(want[..., c].ravel(), reference.table_for("leaky_relu", qi, qo, alpha=a))
+    assert len({want[..., c].tobytes() for c in range(4)}) == 4
+    data = T.build_tflite(qm)
+    assert T.op_histogram(data) == {"CAST": 1, "ADD": 1, "GATHER": 1}
+    for kernels in T.KERNELS:
+        got = T.LiteRTRunner(data, kernels).run_named({"x": x})
+        assert np.array_equal(got.reshape(want.shape), want), kernels
+    twin = T.build_tflite(qm, fp32=True)
+    assert T.op_histogram(twin) == {"PRELU": 1}
+    xf = np.linspace(-6, 6, 1024, dtype=np.float32).reshape(1, 16, 16, 4)
+    got = T.LiteRTRunner(twin, "ref").run_named({"x": xf})
+    ref = table_function("prelu", {"alpha": alpha})(torch.from_numpy(xf).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    assert np.allclose(got.reshape(xf.shape), ref.numpy(), atol=1e-6)
+
+
 @pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + "".join(f"-{v:g}" for v in a.values()) for k, a in TABLES])
 def test_table_op_fp32_twin_is_the_float_function(kind: str, attrs: dict) -> None:
     """The fp32 twin writes TFLite's float builtins (SiLU as x · LOGISTIC(x)); they compute torch's function."""
