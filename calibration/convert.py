@@ -54,7 +54,8 @@ from ghnq.spelled import fold_spelled_activations
 SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d (folded into a Conv2d before it, else a "
              "1×1 depthwise conv), ReLU (fused into the layer before it, else a standalone clamp), "
              "ReLU6 (or Hardtanh(0, 6)), Hardswish (or x * relu6(x + 3) / 6), Sigmoid, SiLU, Tanh, LeakyReLU, "
-             "ELU, GELU, Mish, Softplus, PReLU, Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, "
+             "ELU, GELU, Mish, Softplus, PReLU, Hardtanh / clamp (any bounds), "
+             "Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, "
              "tensor + / - tensor, "
              "tensor * tensor, a number times / divided into / added to / subtracted from a Conv2d / Linear / BN "
              "output (folded into its weights), AdaptiveAvgPool2d / AdaptiveMaxPool2d (an output that divides the "
@@ -340,6 +341,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return "relu", {}
         if isinstance(mod, nn.ReLU6) or (isinstance(mod, nn.Hardtanh) and (mod.min_val, mod.max_val) == (0.0, 6.0)):
             return "relu6", {}
+        if isinstance(mod, nn.Hardtanh):
+            return _hardtanh(node, mod.min_val, mod.max_val, fail)
         if type(mod) in _TABLE_MODULES:
             return _TABLE_MODULES[type(mod)], {}
         if isinstance(mod, nn.LeakyReLU):
@@ -386,8 +389,10 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return "relu", {}
         if target is F.relu6:
             return "relu6", {}
-        if target is F.hardtanh and _hardtanh_bounds(args, kwargs) == (0.0, 6.0):
-            return "relu6", {}
+        if target is F.hardtanh:
+            return _hardtanh(node, *_hardtanh_bounds(args, kwargs), fail)
+        if target in (torch.clamp, torch.clip):
+            return _hardtanh(node, *_clamp_arguments(args, kwargs), fail)
         if target in _TABLE_FUNCTIONS:
             return _TABLE_FUNCTIONS[target], {}
         if target is F.gelu:
@@ -437,6 +442,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return "relu", {}
         if node.target in ("sigmoid", "sigmoid_", "tanh", "tanh_"):
             return node.target.rstrip("_"), {}
+        if node.target in ("clamp", "clamp_", "clip", "clip_"):
+            return _hardtanh(node, *_clamp_arguments(args, kwargs), fail)
         if node.target == "add":
             return "add", {"fused": "none"}
         if node.target == "sub":
@@ -579,10 +586,37 @@ def _prelu(weight: torch.Tensor) -> tuple[str, dict]:
     return ("leaky_relu", {"alpha": alpha[0]}) if len(alpha) == 1 else ("prelu", {"alpha": alpha})
 
 
-def _hardtanh_bounds(args: tuple, kwargs: dict) -> tuple[float, float]:
+def _hardtanh_bounds(args: tuple, kwargs: dict) -> tuple[object, object]:
     lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
     hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
-    return float(lo), float(hi)
+    return lo, hi
+
+
+def _clamp_arguments(args: tuple, kwargs: dict) -> tuple[object, object]:
+    """(min, max) of torch.clamp / x.clamp (and clip) as written: numbers, None or anything else."""
+    lo = args[1] if len(args) > 1 else kwargs.get("min")
+    hi = args[2] if len(args) > 2 else kwargs.get("max")
+    return lo, hi
+
+
+def _hardtanh(node: fx.Node, lo: object, hi: object, fail) -> tuple[str, dict]:
+    """A clamp to [lo, hi] in any spelling: relu / relu6 for (0, open) / (0, 6) (a clamp fused into the layer
+    before it, sharing its scale), else a hardtanh table op (its own output scale)."""
+    def number(v: object) -> float | None:
+        if v is None:
+            return None
+        if not isinstance(v, int | float) or isinstance(v, bool) or not np.isfinite(v):
+            raise fail(node, f"a clamp bound {v!r} (allowed: a finite number, or none for an open side)")
+        return float(v)
+
+    lo, hi = number(lo), number(hi)
+    if (lo, hi) == (0.0, 6.0):
+        return "relu6", {}
+    if (lo, hi) == (0.0, None):
+        return "relu", {}
+    if lo is None and hi is None or (lo is not None and hi is not None and lo >= hi):
+        raise fail(node, f"a clamp to [{lo}, {hi}] (allowed: min < max, at least one of them given)")
+    return "hardtanh", {"min": lo, "max": hi}
 
 
 def _mean_dims(node: fx.Node) -> tuple[list[int], bool] | None:

@@ -41,11 +41,13 @@ Ops (`Op.kind`, inputs, attrs); `attrs["fused"]` in {"none", "relu", "relu6", "r
                                TFLite SAME semantics); output shares the input's (scale, zp)
   avg_pool2d        [x]        kernel, stride, padding; divides by the number of in-range positions (TFLite);
                                output shares the input's (scale, zp)
-  hardswish, sigmoid, silu, tanh, leaky_relu, gelu, elu, mish, softplus, prelu (TABLE_OPS; gelu: the erf form)
+  hardswish, sigmoid, silu, tanh, leaky_relu, gelu, elu, mish, softplus, prelu, hardtanh (TABLE_OPS; erf gelu)
                     [x]        elementwise, own output (scale, zp); leaky_relu has `alpha` (the negative slope),
                                elu its `alpha` (x < 0: alpha · (exp(x) − 1)), softplus `beta` and `threshold`
                                (log(1 + exp(beta · x)) / beta, and x itself where beta · x > threshold: torch's);
-                               prelu is leaky_relu with one `alpha` per channel (a list, one table per channel).
+                               prelu is leaky_relu with one `alpha` per channel (a list, one table per channel);
+                               hardtanh clamps to [`min`, `max`] (either may be None: open), with its own output
+                               (scale, zp), unlike the relu / relu6 clamps below.
                                Each is one int8 → int8 function: a 256-entry table of output codes
                                (calibration.reference.table_for), which the TFLite writer writes as a GATHER
                                and ExecuTorch's XNNPACK delegate computes in float32 code for code
@@ -121,7 +123,8 @@ FORMAT = "ghnq-qm"
 VERSION = 1
 WEIGHTED_OPS = ("conv2d", "depthwise_conv2d", "fully_connected")  # inputs: (x, int8 weight[, int32 bias])
 # Elementwise int8 → int8 functions every runtime evaluates as the same 256-entry table (see reference.table_for).
-TABLE_OPS = ("hardswish", "sigmoid", "silu", "tanh", "leaky_relu", "gelu", "elu", "mish", "softplus", "prelu")
+TABLE_OPS = ("hardswish", "sigmoid", "silu", "tanh", "leaky_relu", "gelu", "elu", "mish", "softplus", "prelu",
+             "hardtanh")
 CLAMP_OPS = ("relu", "relu6")  # standalone activations: a clamp of the codes, output shares the input's (scale, zp)
 OP_KINDS = (*WEIGHTED_OPS, "add", "sub", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, *CLAMP_OPS,
             "resize_nearest", "pad", "reshape", "concat", "gather")
@@ -234,6 +237,12 @@ class QuantizedModel:
                         isinstance(v, int | float) and np.isfinite(v) for v in alpha):
                     raise UserError(f"{where}: attrs.alpha; prelu needs a list of {c} finite negative slopes, one per "
                                     "input channel")
+            if op.kind == "hardtanh":
+                lo, hi = op.attrs.get("min"), op.attrs.get("max")
+                if not all(v is None or (isinstance(v, int | float) and np.isfinite(v)) for v in (lo, hi)) or (
+                        lo is None and hi is None) or (lo is not None and hi is not None and lo >= hi):
+                    raise UserError(f"{where}: attrs min={lo!r}, max={hi!r}; hardtanh needs finite bounds (one may be "
+                                    "None), min < max")
             if op.kind == "softplus":
                 beta, threshold = op.attrs.get("beta"), op.attrs.get("threshold")
                 if not all(isinstance(v, int | float) and np.isfinite(v) for v in (beta, threshold)) or beta <= 0:

@@ -288,9 +288,10 @@ def _downscale_to_int16(m: int) -> int:
 
 
 @lru_cache(maxsize=4096)
-def table_for(kind: str, qi: tuple[float, int], qo: tuple[float, int], **params: float) -> np.ndarray:
+def table_for(kind: str, qi: tuple[float, int], qo: tuple[float, int], **params: float | None) -> np.ndarray:
     """A table op (qmodel.TABLE_OPS) as one integer function: table[q + 128] = output code of input code q
-    (read-only). `params` are the op's attrs: leaky_relu's / elu's alpha, softplus's beta and threshold.
+    (read-only). `params` are the op's attrs: leaky_relu's / elu's alpha, softplus's beta and threshold,
+    hardtanh's min and max.
 
     Why a table, and this one: ExecuTorch's XNNPACK partitioner lowers these ops only in fp32 (inside the
     delegate: dequantize → float32 op → quantize), while TFLite's own int8 kernels compute something else
@@ -302,7 +303,7 @@ def table_for(kind: str, qi: tuple[float, int], qo: tuple[float, int], **params:
     from calibration.sim import et_table  # here, not at the top: calibration.sim imports this module
 
     table = et_table(kind, (float(qi[0]), int(qi[1])), (float(qo[0]), int(qo[1])),
-                     **{k: float(v) for k, v in params.items()})
+                     **{k: None if v is None else float(v) for k, v in params.items()})
     table.flags.writeable = False  # shared by every caller through the cache
     return table
 

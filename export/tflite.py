@@ -427,6 +427,14 @@ def _fp32_table_op(c: _Ctx, op: Op) -> None:
         alpha = np.array(op.attrs["alpha"], np.float32)
         c.g.tensor(f"{op.outputs[0]}/alpha", [len(alpha)], "float32", data=alpha)
         c.g.op("PRELU", [x, f"{op.outputs[0]}/alpha"], [y], None, FP32_VERSION)
+    elif op.kind == "hardtanh":  # MAXIMUM with min, then MINIMUM with max (an open side: no op)
+        out, shape, src = op.outputs[0], list(c.qm.tensors[op.outputs[0]].shape), x
+        steps = [(code, v) for code, v in (("MAXIMUM", op.attrs["min"]), ("MINIMUM", op.attrs["max"])) if v is not None]
+        for i, (code, v) in enumerate(steps):
+            c.g.tensor(f"{out}/{code.lower()}_bound", [1], "float32", data=np.array([v], np.float32))
+            dst = y if i == len(steps) - 1 else c.activation(f"{out}/{code.lower()}", shape, like=out)
+            c.g.op(code, [src, f"{out}/{code.lower()}_bound"], [dst], None, FP32_VERSION)
+            src = dst
     elif op.kind == "softplus":
         _fp32_softplus(c, op, x, y, float(op.attrs["beta"]), float(op.attrs["threshold"]))
     elif op.kind == "mish":  # x · TANH(softplus(x)), torch's beta 1 and threshold 20

@@ -140,9 +140,9 @@ class EluNet(nn.Module):
 
 class MishNet(nn.Module):
     """CSPDarknet-style (YOLOv4's backbone): conv-BN-Mish layers, a cross-stage-partial split (two 1×1 branches,
-    one through a residual block whose sum takes F.mish), joined by a cat, and a Softplus(beta=2, threshold=5)
-    head. Mish and Softplus are table ops: a GATHER in the .tflite; in ExecuTorch to_edge decomposes them, and
-    their gt / log1p / where run on the portable kernels between delegate partitions."""
+    one through a residual block whose sum takes F.mish), joined by a cat, clamped to [-0.2, 3] (a hardtanh), and a
+    Softplus(beta=2, threshold=5) head. All three are table ops: a GATHER in the .tflite; in ExecuTorch each runs
+    whole on the portable kernels in float64 between delegate partitions."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -162,7 +162,7 @@ class MishNet(nn.Module):
         x = self.stem(x)
         a, b = self.part1(x), self.part2(x)
         b = F.mish(b + self.block(b))
-        x = self.join(torch.cat([a, b], 1))
+        x = self.join(torch.cat([a, b], 1)).clamp(-0.2, 3.0)  # a clamp with its own scale: a hardtanh table op
         x = F.softplus(self.head(x), beta=2.0, threshold=5.0)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 

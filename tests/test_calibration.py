@@ -265,10 +265,11 @@ def test_exact_integer_accumulators(cin, groups, wmax):
 
 TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.2}),
           ("gelu", {}), ("elu", {"alpha": 1.0}), ("elu", {"alpha": 0.4}),
-          ("mish", {}), ("softplus", {"beta": 1.0, "threshold": 20.0}), ("softplus", {"beta": 2.0, "threshold": 3.0})]
+          ("mish", {}), ("softplus", {"beta": 1.0, "threshold": 20.0}), ("softplus", {"beta": 2.0, "threshold": 3.0}),
+          ("hardtanh", {"min": -0.5, "max": 1.25}), ("hardtanh", {"min": None, "max": 2.0})]
 
 
-@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + "".join(f"-{v:g}" for v in a.values()) for k, a in TABLES])
+@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + "".join(f"-{v}" for v in a.values()) for k, a in TABLES])
 @pytest.mark.parametrize("qi, qo", [((0.0655, -12), (0.00725, -94)), ((0.05, 0), (0.02, -100))])
 def test_table_op_is_one_table_in_every_rounding(kind, attrs, qi, qo):
     """A table op on all 256 codes: the integer reference and the sim in every rounding mode compute the same
@@ -484,11 +485,12 @@ class _Clamp(nn.Module):
         return self.fc(torch.nn.functional.hardtanh(self.conv(x), self.lo, self.hi).mean((2, 3)))
 
 
-def test_functional_hardtanh_0_6_is_relu6_and_other_bounds_refused(calib_images):
+def test_functional_hardtanh_0_6_is_relu6_and_other_bounds_a_table_op(calib_images):
     qm = calibrate(_Clamp(0.0, 6.0), calib_images[:16], progress=False)
     assert qm.ops[0].kind == "conv2d" and qm.ops[0].attrs["fused"] == "relu6"
-    with pytest.raises(UserError, match=r"'hardtanh'.*Hardtanh\(0, 6\)"):
-        calibrate(_Clamp(-1.0, 1.0), calib_images[:16], progress=False)
+    qm = calibrate(_Clamp(-1.0, 1.0), calib_images[:16], progress=False)
+    assert qm.ops[0].attrs["fused"] == "none" and (qm.ops[1].kind, qm.ops[1].attrs) == (
+        "hardtanh", {"min": -1.0, "max": 1.0})
 
 
 def test_pools_as_user_code_writes_them(calib_images, test_images):
@@ -990,3 +992,39 @@ def test_functional_prelu_with_a_parameter_is_a_prelu_op(calib_images, test_imag
         next(op for op in bad.ops if op.kind == "prelu").attrs["alpha"] = bad_alpha
         with pytest.raises(UserError, match="prelu needs a list of 8 finite negative slopes"):
             bad.validate()
+
+
+class _ClampNet(nn.Module):
+    """Clamps as user code writes them: Hardtanh(-0.5, 1), F.hardtanh (default ±1), x.clamp(max=), torch.clamp(min=),
+    x.clip(-1, 1); and clamp(0, 6) / clamp(min=0), which stay relu6 / relu fused into the conv before them."""
+
+    def __init__(self, bound: object = 0.7) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.h = nn.Hardtanh(-0.5, 1.0)
+        self.fc = nn.Linear(8, 10)
+        self.bound = bound
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.h(self.c1(x))
+        y = F.hardtanh(self.c2(y)) + y.clamp(max=self.bound)
+        y = torch.clamp(y, min=-0.25) * y.clip(-1, 1)
+        y = self.c3(y).clamp(0, 6) + self.c3(y).clamp(min=0)
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def test_clamps_with_any_bounds_are_hardtanh_table_ops(calib_images, test_images):
+    """Every clamp spelling with bounds other than (0, 6) / (0, open) is a hardtanh table op with its bounds (one
+    side may be open); those two stay fused clamps. Bounds that are not numbers, or empty, are refused by name."""
+    torch.manual_seed(0)
+    qm = _user_net_qm(_ClampNet(), calib_images, test_images)
+    bounds = [(op.attrs["min"], op.attrs["max"]) for op in qm.ops if op.kind == "hardtanh"]
+    assert bounds == [(-0.5, 1.0), (-1.0, 1.0), (None, 0.7), (-0.25, None), (-1.0, 1.0)]
+    assert sorted(op.attrs["fused"] for op in qm.ops if op.kind == "conv2d")[-2:] == ["relu", "relu6"]
+    for bound in (float("inf"), float("nan")):
+        with pytest.raises(UserError, match=f"a clamp bound {bound}"):
+            calibrate(_ClampNet(bound), calib_images[:8], progress=False)
+    bad = copy.deepcopy(qm)
+    next(op for op in bad.ops if op.kind == "hardtanh").attrs.update(min=2.0, max=1.0)
+    with pytest.raises(UserError, match="hardtanh needs finite bounds"):
+        bad.validate()

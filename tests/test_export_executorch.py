@@ -259,17 +259,18 @@ def test_elu_net_runs_code_for_code_beside_the_delegate(tmp_path: Path) -> None:
 
 
 def test_mish_softplus_net_runs_code_for_code_beside_the_delegate(tmp_path: Path) -> None:
-    """CSPDarknet-style Mish (five modules and one F.mish) and a Softplus(beta=2, threshold=5): each runs whole
-    on the portable kernels in float64 between delegate partitions (named in the report, no conv or add outside
-    the delegate), and the runtime's logits are the sim's and LiteRT XNNPACK's, code for code."""
+    """CSPDarknet-style Mish (five modules and one F.mish), a clamp(-0.2, 3) and a Softplus(beta=2, threshold=5): each
+    runs whole on the portable kernels in float64 between delegate partitions (named in the report, no conv or add
+    outside the delegate), and the runtime's logits are the sim's and LiteRT XNNPACK's, code for code."""
     from export.tflite import LiteRTRunner, build_tflite
 
     qm, _ = get("mishnet")
     kinds = [op.kind for op in qm.ops]
-    assert kinds.count("mish") == 6 and kinds.count("softplus") == 1
+    assert kinds.count("mish") == 6 and kinds.count("softplus") == 1 and kinds.count("hardtanh") == 1
     assert [op.attrs for op in qm.ops if op.kind == "softplus"] == [{"beta": 2.0, "threshold": 5.0}]
     d = program("mishnet").delegation
     assert d["outside_delegate"]["aten_tanh_default"] == 6 and d["outside_delegate"]["aten_div_tensor"] == 1
+    assert d["outside_delegate"]["aten_clamp_default"] == 1  # the hardtanh, in float64 too
     assert d["compute_outside_delegate"] == {}
     qm, images, et = _run_et("mishnet", tmp_path)
     assert np.array_equal(et, simulate(qm, images, rounding="executorch"))
@@ -320,18 +321,19 @@ def test_fp32_ops_inside_the_delegate_alone(s_in: float, zp_in: int, s_out: floa
 
 TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.1}),
           ("gelu", {}), ("elu", {"alpha": 1.0}), ("elu", {"alpha": 0.5}),
-          ("mish", {}), ("softplus", {"beta": 1.0, "threshold": 20.0}), ("softplus", {"beta": 2.0, "threshold": 3.0})]
+          ("mish", {}), ("softplus", {"beta": 1.0, "threshold": 20.0}), ("softplus", {"beta": 2.0, "threshold": 3.0}),
+          ("hardtanh", {"min": -0.5, "max": 1.25}), ("hardtanh", {"min": None, "max": 2.0})]
 
 
-@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + "".join(f"-{v:g}" for v in a.values()) for k, a in TABLES])
+@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + "".join(f"-{v}" for v in a.values()) for k, a in TABLES])
 @pytest.mark.parametrize("qi, qo", [((0.0655, -12), (0.00725, -94)), ((0.031, 7), (0.0211, -3))])
 def test_table_op_in_executorch_on_every_code(kind: str, attrs: dict, qi: tuple[float, int],
                                               qo: tuple[float, int], tmp_path: Path) -> None:
     """Each table op alone on all 256 input codes runs inside the XNNPACK delegate (fp32 between convert ops;
     SiLU as sigmoid and mul) and returns the integer reference's table, code for code. ELU, which ExecuTorch
     1.5.1's partitioner leaves out (its config is commented out), runs on the portable kernels in float32 between
-    the delegate's dequantize and quantize, with the same codes; the report names it. Mish and Softplus run there
-    too, decomposed, in float64 (the correctly rounded float32 value: the table by construction)."""
+    the delegate's dequantize and quantize, with the same codes; the report names it. Mish, Softplus and a
+    hardtanh run there too, in float64 (the correctly rounded float32 value: the table by construction)."""
     from calibration.reference import table_lookup
 
     op = Op(kind, ["x"], ["y"], dict(attrs))
@@ -341,7 +343,9 @@ def test_table_op_in_executorch_on_every_code(kind: str, attrs: dict, qi: tuple[
     if kind in E.FLOAT64_PORTABLE:  # decomposed, in float64, every node outside the delegate
         assert E.fp32_inside_delegate(qm) == {}
         outside = prog.delegation["outside_delegate"]
-        assert {"aten_exp_default", "aten_log1p_default", "aten_where_self"} <= set(outside)
+        parts = {"aten_clamp_default"} if kind == "hardtanh" else {"aten_exp_default", "aten_log1p_default",
+                                                                   "aten_where_self"}
+        assert parts <= set(outside)
         assert outside["dim_order_ops__to_dim_order_copy_default"] >= 2  # the casts to float64 and back
         assert prog.delegation["compute_outside_delegate"] == {}  # (mish's mul is its own, in float64)
     elif kind in E.OUTSIDE_DELEGATE:

@@ -237,10 +237,11 @@ def test_xnnpack_within_one_step_per_op(name: str) -> None:
 
 TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.1}),
           ("gelu", {}), ("elu", {"alpha": 1.0}), ("elu", {"alpha": 0.4}),
-          ("mish", {}), ("softplus", {"beta": 1.0, "threshold": 20.0}), ("softplus", {"beta": 2.0, "threshold": 3.0})]
+          ("mish", {}), ("softplus", {"beta": 1.0, "threshold": 20.0}), ("softplus", {"beta": 2.0, "threshold": 3.0}),
+          ("hardtanh", {"min": -0.5, "max": 1.25}), ("hardtanh", {"min": None, "max": 2.0})]
 
 
-@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + "".join(f"-{v:g}" for v in a.values()) for k, a in TABLES])
+@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + "".join(f"-{v}" for v in a.values()) for k, a in TABLES])
 @pytest.mark.parametrize("qi, qo", [((0.0655, -12), (0.00725, -94)), ((0.05, 0), (0.02, -100)),
                                      ((0.11, 30), (0.06, -128))])
 def test_table_op_on_every_code(kind: str, attrs: dict, qi: tuple[float, int], qo: tuple[float, int]) -> None:
@@ -292,7 +293,7 @@ def test_prelu_is_one_table_per_channel_on_every_code() -> None:
     assert np.allclose(got.reshape(xf.shape), ref.numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + "".join(f"-{v:g}" for v in a.values()) for k, a in TABLES])
+@pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + "".join(f"-{v}" for v in a.values()) for k, a in TABLES])
 def test_table_op_fp32_twin_is_the_float_function(kind: str, attrs: dict) -> None:
     """The fp32 twin writes TFLite's float builtins (SiLU as x · LOGISTIC(x)); they compute torch's function."""
     from calibration.sim import table_function
