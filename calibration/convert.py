@@ -43,7 +43,7 @@ from calibration.qmodel import (
     QuantizedModel,
     Tensor,
 )
-from calibration.reference import nearest_source_index
+from calibration.reference import nearest_source_index, softmax_exp_table
 from calibration.sim import run_ops
 from ghnq.cli import UserError
 from ghnq.data import MEAN, STD
@@ -55,7 +55,7 @@ SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d (folde
              "1×1 depthwise conv), ReLU (fused into the layer before it, else a standalone clamp), "
              "ReLU6 (or Hardtanh(0, 6)), Hardswish (or x * relu6(x + 3) / 6), Sigmoid, SiLU, Tanh, LeakyReLU, "
              "ELU, GELU, Mish, Softplus, PReLU, Hardtanh / clamp (any bounds), "
-             "Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, "
+             "Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, softmax over the features of [N, C], "
              "tensor + / - tensor, "
              "tensor * tensor, a number times / divided into / added to / subtracted from a Conv2d / Linear / BN "
              "output (folded into its weights), AdaptiveAvgPool2d / AdaptiveMaxPool2d (an output that divides the "
@@ -351,6 +351,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return "elu", {"alpha": float(mod.alpha)}
         if isinstance(mod, nn.PReLU):
             return _prelu(mod.weight)
+        if isinstance(mod, nn.Softmax):
+            return _softmax(node, mod.dim, {}, fail)
         if isinstance(mod, nn.Softplus):
             return "softplus", {"beta": float(mod.beta), "threshold": float(mod.threshold)}
         if isinstance(mod, nn.GELU):
@@ -403,6 +405,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return "elu", {"alpha": float(args[1] if len(args) > 1 else kwargs.get("alpha", 1.0))}
         if _prelu_weight(node) is not None:
             return _prelu(node.graph.owning_module.get_parameter(_prelu_weight(node).target))
+        if target in (F.softmax, torch.softmax):
+            return _softmax(node, args[1] if len(args) > 1 else kwargs.get("dim"), kwargs, fail)
         if target is F.softplus:
             beta = args[1] if len(args) > 1 else kwargs.get("beta", 1.0)
             threshold = args[2] if len(args) > 2 else kwargs.get("threshold", 20.0)
@@ -442,6 +446,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return "relu", {}
         if node.target in ("sigmoid", "sigmoid_", "tanh", "tanh_"):
             return node.target.rstrip("_"), {}
+        if node.target == "softmax":
+            return _softmax(node, args[1] if len(args) > 1 else kwargs.get("dim"), kwargs, fail)
         if node.target in ("clamp", "clamp_", "clip", "clip_"):
             return _hardtanh(node, *_clamp_arguments(args, kwargs), fail)
         if node.target == "add":
@@ -570,6 +576,16 @@ def _concat(node: fx.Node, fail) -> tuple[str, dict]:
     if rank not in (2, 4) or dim % rank != 1:
         raise fail(node, f"cat along dim {dim} of {rank}-D tensors (only along channels, dim 1)")
     return "concat", {"axis": 3 if rank == 4 else 1}
+
+
+def _softmax(node: fx.Node, dim: object, kwargs: dict, fail) -> tuple[str, dict]:
+    """softmax over the features of a [N, C] tensor (dim 1 or -1): the integer softmax op."""
+    meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+    rank = len(meta.shape) if meta is not None else None
+    if rank != 2 or dim not in (1, -1, None) or kwargs.get("dtype") is not None:
+        raise fail(node, f"softmax over dim {dim} of a {rank}-D tensor (supported: over the features of a [N, C] "
+                         "tensor, dim=1 or -1, as a classifier's last op writes it; no dtype=)")
+    return "softmax", {}
 
 
 def _prelu_weight(node: fx.Node) -> fx.Node | None:
@@ -785,7 +801,7 @@ def fold_input_normalization(g: FloatGraph) -> None:
 def observed_tensors(g: FloatGraph) -> list[str]:
     """Activation tensors whose qparams come from an observer (the rest are fixed or shared)."""
     return [op.outputs[0] for op in g.ops
-            if op.kind not in SHARES_INPUT_QPARAMS and op.attrs.get("fused") != "relu_0_to_1"]
+            if op.kind not in (*SHARES_INPUT_QPARAMS, "softmax") and op.attrs.get("fused") != "relu_0_to_1"]
 
 
 @torch.no_grad()
@@ -897,6 +913,8 @@ def quantize(g: FloatGraph, act_qparams: dict[str, tuple[float, int, float, floa
             act(out, float(t.scale[0]), int(t.zero_point[0]), t.bits, t.rmin, t.rmax)
         elif op.attrs.get("fused") == "relu_0_to_1":
             act(out, unit_scale, -(1 << (act_bits - 1)), act_bits, 0.0, 1.0)
+        elif op.kind == "softmax":  # probabilities: scale 1/2^bits, the lowest code is 0
+            act(out, 1.0 / (1 << act_bits), -(1 << (act_bits - 1)), act_bits, 0.0, 1.0 - 1.0 / (1 << act_bits))
         else:
             act(out, *act_qparams[out][:2], act_bits, *act_qparams[out][2:])
         if op.kind in WEIGHTED_OPS:
@@ -908,5 +926,9 @@ def quantize(g: FloatGraph, act_qparams: dict[str, tuple[float, int, float, floa
             tensors[wk] = Tensor(wk, list(qw.shape), "int8", sw, np.zeros(n, np.int64), 0, weight_bits, qw)
             tensors[bk] = Tensor(bk, list(qb.shape), "int32", sb, np.zeros(n, np.int64), 0, 32, qb)
     qm = QuantizedModel(ops=copy.deepcopy(g.ops), tensors=tensors, input=g.input, output=g.output, meta=meta)
+    for op in qm.ops:  # the integer softmax's exp table depends on its input's scale
+        if op.kind == "softmax":
+            t = tensors[op.inputs[0]]
+            op.attrs["exp_table"] = softmax_exp_table(float(t.scale[0]), t.shape[-1])
     qm.validate()
     return qm

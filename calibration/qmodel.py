@@ -62,6 +62,9 @@ Ops (`Op.kind`, inputs, attrs); `attrs["fused"]` in {"none", "relu", "relu6", "r
   reshape           [x]        shape (the output shape); output shares the input's (scale, zp)
   gather            [x]        axis 3 (channels), indices: output channel j is input channel indices[j] (a
                                channel shuffle, chunk or slice); output shares the input's (scale, zp)
+  softmax           [x]        x is [1, C]: softmax over the C features, in integers only (calibration.reference.
+                               softmax); exp_table (256 int32: round(2^k · exp(s_in · (i − 255))), k chosen so that
+                               C · 2^k < 2^31); the output is fixed at scale 1/2^bits, zero point −2^(bits−1)
   Padding is explicit: torch's symmetric padding differs from TFLite SAME for stride 2 with even sizes,
   so the writer decides SAME / VALID / a PAD op from these numbers. Conv padding means real 0 (the zero
   point); max_pool2d padding means "not a candidate" (a PAD+VALID rewrite is exact only when the input is
@@ -127,7 +130,7 @@ TABLE_OPS = ("hardswish", "sigmoid", "silu", "tanh", "leaky_relu", "gelu", "elu"
              "hardtanh")
 CLAMP_OPS = ("relu", "relu6")  # standalone activations: a clamp of the codes, output shares the input's (scale, zp)
 OP_KINDS = (*WEIGHTED_OPS, "add", "sub", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, *CLAMP_OPS,
-            "resize_nearest", "pad", "reshape", "concat", "gather")
+            "resize_nearest", "pad", "reshape", "concat", "gather", "softmax")
 FUSED = ("none", "relu", "relu6", "relu_0_to_1")
 WEIGHT_BITS = (8, 6, 4, 2)
 INPUT_SCALE = float(np.float32(1.0 / 255.0))
@@ -243,6 +246,12 @@ class QuantizedModel:
                         lo is None and hi is None) or (lo is not None and hi is not None and lo >= hi):
                     raise UserError(f"{where}: attrs min={lo!r}, max={hi!r}; hardtanh needs finite bounds (one may be "
                                     "None), min < max")
+            if op.kind == "softmax":
+                shape, table = self.tensors[op.inputs[0]].shape, op.attrs.get("exp_table")
+                if len(shape) != 2 or not isinstance(table, list) or len(table) != 256 or not all(
+                        isinstance(v, int) and 0 <= v <= table[-1] for v in table) or table[-1] * shape[-1] >= 2**31:
+                    raise UserError(f"{where}: softmax needs a [1, C] input and attrs.exp_table, 256 non-negative ints "
+                                    "whose largest (the last) times C is below 2^31")
             if op.kind == "softplus":
                 beta, threshold = op.attrs.get("beta"), op.attrs.get("threshold")
                 if not all(isinstance(v, int | float) and np.isfinite(v) for v in (beta, threshold)) or beta <= 0:

@@ -356,6 +356,34 @@ def clamp(op: Op, x: np.ndarray, q: tuple[float, int]) -> np.ndarray:
     return np.clip(x, lo, hi).astype(np.int8)
 
 
+SOFTMAX_MAX_EXP_BITS = 22  # 2^k · 2^bits (8) must stay below 2^31 too: (2^bits · E + S // 2) is an int32
+
+
+def softmax_exp_table(s_in: float, classes: int) -> list[int]:
+    """The softmax op's exp table: entry i = round(2^k · exp(s_in · (i − 255))) for a code difference i − 255 to the
+    row's largest code, k the largest fixed-point precision (≤ 22) at which C of them sum below 2^31. Computed once,
+    in float64, at calibration; the QM carries it, so every runtime reads the same integers."""
+    k = min(SOFTMAX_MAX_EXP_BITS, int(np.floor(np.log2((2**31 - 1) / classes))))
+    if k < 8:
+        raise UserError(f"softmax over {classes} features: too many for an int32 sum of 8-bit exponentials")
+    d = np.arange(-255, 1, dtype=np.float64)
+    return [int(v) for v in np.floor(np.exp(np.float64(np.float32(s_in)) * d) * 2.0**k + 0.5)]
+
+
+def softmax(op: Op, x: np.ndarray, bits: int = 8) -> np.ndarray:
+    """Integer softmax over the last axis of int8 codes x [N, C]: with d = x − max(x) (≥ −255) and
+    E = exp_table[d + 255] (int32), S = ΣE, the output code is (2^bits · E + S // 2) // S − 2^(bits−1) (a rounding
+    division, half up), at most 2^(bits−1) − 1; the output scale is 1/2^bits. Every step is an int32 operation
+    that TFLite builtins (CAST, REDUCE_MAX, SUB, GATHER, SUM, MUL, FLOOR_DIV, MINIMUM) and ExecuTorch's portable
+    integer kernels compute identically (no TFLite SOFTMAX: its int8 kernels differ from XNNPACK's fp32 one)."""
+    table = np.asarray(op.attrs["exp_table"], np.int64)
+    q = x.astype(np.int64)
+    e = table[q - q.max(axis=-1, keepdims=True) + 255]
+    total = e.sum(axis=-1, keepdims=True)
+    y = (e * (1 << bits) + total // 2) // total - (1 << (bits - 1))
+    return np.minimum(y, (1 << (bits - 1)) - 1).astype(np.int8)
+
+
 def nearest_source_index(n_in: int, n_out: int) -> np.ndarray:
     """GetNearestNeighbor (align_corners and half_pixel_centers false): output position i reads input
     min(floor(i · float32(n_in / n_out)), n_in − 1), the product rounded to float32. ExecuTorch's portable
@@ -428,6 +456,8 @@ def run_op(qm: QuantizedModel, op: Op, env: dict[str, np.ndarray]) -> np.ndarray
         return clamp(op, env[op.inputs[0]], q[out])
     if k == "resize_nearest":
         return resize_nearest(op, env[op.inputs[0]])
+    if k == "softmax":
+        return softmax(op, env[op.inputs[0]])
     if k == "pad":
         return pad(op, env[op.inputs[0]], q[op.inputs[0]][1])
     if k == "reshape":

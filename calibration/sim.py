@@ -139,6 +139,8 @@ def run_op(op: Op, args: list[torch.Tensor]) -> torch.Tensor:
         return table_function(k, a)(args[0])
     if k in CLAMP_OPS:
         return args[0].clamp(*_CLAMP[k])
+    if k == "softmax":
+        return F.softmax(args[0], dim=-1)
     if k == "resize_nearest":
         return _repeat(args[0], a["factor"])
     if k == "pad":
@@ -208,6 +210,9 @@ class Simulator:
             rank = len(self.qm.tensors[op.inputs[0]].shape)
             offset = 128 + 256 * torch.arange(len(lut) if lut.ndim == 2 else 1, device=dev)
             p["offset"] = offset.view(1, -1, *[1] * (rank - 2)) if lut.ndim == 2 else offset[0]
+        elif op.kind == "softmax":
+            p["exp_table"] = torch.tensor(op.attrs["exp_table"], dtype=torch.int64, device=dev)
+            p["bits"] = self.qm.tensors[op.outputs[0]].bits
         elif op.kind == "mean":
             shape = self.qm.tensors[op.inputs[0]].shape
             n = shape[1] * shape[2]
@@ -267,6 +272,12 @@ class Simulator:
         elif k in TABLE_OPS:
             lo, hi = p["clamp"]
             return p["lut"][(args[0] + p["offset"]).long()].clamp(lo, hi)
+        elif k == "softmax":  # integers only, as calibration.reference.softmax (every rounding mode)
+            q, half = args[0].long(), 1 << (p["bits"] - 1)
+            e = p["exp_table"][q - q.amax(dim=-1, keepdim=True) + 255]
+            total = e.sum(dim=-1, keepdim=True)
+            y = torch.div(e * (2 * half) + total // 2, total, rounding_mode="floor") - half
+            return y.clamp(max=half - 1).to(args[0].dtype)
         elif k == "max_pool2d":
             return F.max_pool2d(_pad(args[0], a["padding"], float("-inf")), a["kernel"], a["stride"])
         elif k == "avg_pool2d" and "avg_pool2d" in self.fp32_ops:

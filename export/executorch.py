@@ -79,7 +79,7 @@ from ghnq.fileio import atomic_write_bytes
 from ghnq.graph import pool_size
 
 SUPPORTED = (*WEIGHTED_OPS, "add", "sub", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, *CLAMP_OPS,
-             "resize_nearest", "pad", "reshape", "concat", "gather")
+             "resize_nearest", "pad", "reshape", "concat", "gather", "softmax")
 # XNNPACK's ExecuTorch partitioner lowers these only in fp32: inside the delegate they run between convert ops.
 # (SiLU has no config of its own: to_edge decomposes it into sigmoid and mul, both delegated, in fp32.)
 # ELU has a config, but ExecuTorch 1.5.1 leaves it out of the partitioner's list ("Waiting for PyTorch Pin
@@ -198,15 +198,18 @@ class OpModule(nn.Module):
     """One QM op. Node chain per op: [pad] → compute → [activation] → [reshape] (see QMQuantizer); a gather is
     a chain of data-movement nodes."""
 
-    def __init__(self, qm: QuantizedModel, op: Op) -> None:
+    def __init__(self, qm: QuantizedModel, op: Op, fp32: bool = False) -> None:
         super().__init__()
-        self.kind, self.attrs = op.kind, dict(op.attrs)
+        self.kind, self.attrs, self.fp32 = op.kind, dict(op.attrs), fp32
         if op.kind in WEIGHTED_OPS:
             self.weight = nn.Parameter(_dequantized(qm, op.inputs[1]), requires_grad=False)
             self.bias = nn.Parameter(_dequantized(qm, op.inputs[2]), requires_grad=False)
         if op.kind in ("max_pool2d", "avg_pool2d"):
             self.pool_padding = _pool_padding(op, qm.tensors[op.inputs[0]].shape[1:3],
                                               qm.tensors[op.outputs[0]].shape[1:3])
+        if op.kind == "softmax":
+            self.in_scale, self.in_zp = (float(v) for v in qm.tensors[op.inputs[0]].qparams)
+            self.register_buffer("exp_table", torch.tensor(op.attrs["exp_table"], dtype=torch.int64))
         if op.kind == "prelu":  # XNNPACK's PReLU config takes the slopes only as a parameter, in fp32
             self.alpha = nn.Parameter(torch.tensor(op.attrs["alpha"], dtype=torch.float32), requires_grad=False)
         if op.kind == "gather":
@@ -245,6 +248,17 @@ class OpModule(nn.Module):
             y = table_function(k, a)(x.double()).float()
         elif k == "prelu":
             y = F.prelu(x, self.alpha)
+        elif k == "softmax" and self.fp32:  # the float twin: torch's softmax (XNNPACK's, in the delegate)
+            y = F.softmax(x, dim=-1)
+        elif k == "softmax":
+            # calibration.reference.softmax on the portable kernels: the codes back from the dequantized input (in
+            # float64, which XNNPACK does not take; exact: |q − zp| ≤ 255), integer steps in int64, then the real
+            # value (y + 128) / 256, which the output quantize (1/256, −128) maps back to y exactly
+            q = (torch.round(x.double() / self.in_scale) + self.in_zp).long()
+            e = self.exp_table[q - q.amax(dim=-1, keepdim=True) + 255]
+            total = e.sum(dim=-1, keepdim=True)
+            ratio = torch.div(e * 256 + torch.div(total, 2, rounding_mode="floor"), total, rounding_mode="floor")
+            y = ((ratio - 128).clamp(max=127) + 128).double().div(256).float()
         elif k in TABLE_OPS:
             y = table_function(k, a)(x)
         elif k in CLAMP_OPS:
@@ -289,12 +303,12 @@ class OpModule(nn.Module):
 class QMModule(nn.Module):
     """The whole QM: input NCHW float (the real value of the int8 input, pixel / 255) → logits."""
 
-    def __init__(self, qm: QuantizedModel) -> None:
+    def __init__(self, qm: QuantizedModel, fp32: bool = False) -> None:
         super().__init__()
         self.ops = [(op, [n for n in op.inputs if not qm.tensors[n].is_const]) for op in qm.ops]
         self.input, self.output = qm.input, qm.output
         for i, op in enumerate(qm.ops):
-            self.add_module(f"op{i}", OpModule(qm, op))
+            self.add_module(f"op{i}", OpModule(qm, op, fp32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         env = {self.input: x}
@@ -346,7 +360,7 @@ def _chain_roles(op: Op, chain: list[fx.Node]) -> list[str]:
     """Role of each node of an op's chain: pad, compute, act or reshape (the q/dq layout depends on it)."""
     if op.kind == "gather":  # slice, or view → transpose → view, or index_select: each node copies codes
         return ["move"] * len(chain)
-    if op.kind in FLOAT64_PORTABLE:  # cast to float64, the function, cast back: quantized only at the ends
+    if op.kind in (*FLOAT64_PORTABLE, "softmax"):  # float64 / int64 steps: quantized only at the ends
         return ["compute"] + ["inner"] * (len(chain) - 1)
     roles, seen_compute = [], False
     for n in chain:
@@ -474,9 +488,10 @@ def _delegation(gm: fx.GraphModule) -> dict[str, Any]:
     by_op = {k: {"delegated": v.delegated, "not_delegated": v.non_delegated}
              for k, v in sorted(info.delegation_by_operator.items())}
     outside = {k: v["not_delegated"] for k, v in by_op.items() if v["not_delegated"] and k != "getitem"}
-    # a float64 node is part of a FLOAT64_PORTABLE table op (mish's mul) by construction: not a compute op left out
+    # a float64 or int64 node is part of a FLOAT64_PORTABLE table op (mish's mul) or of the integer softmax by
+    # construction: not a compute op left out of the delegate
     table_parts = Counter(re.sub(r"_\d+$", "", n.name) for n in gm.graph.nodes if n.op == "call_function"
-                          and getattr(n.meta.get("val"), "dtype", None) == torch.float64)
+                          and getattr(n.meta.get("val"), "dtype", None) in (torch.float64, torch.int64))
     return {"delegated_subgraphs": info.num_delegated_subgraphs, "delegated_nodes": info.num_delegated_nodes,
             "not_delegated_nodes": info.num_non_delegated_nodes, "by_operator": by_op,
             "outside_delegate": outside,
@@ -493,7 +508,7 @@ def lower(qm: QuantizedModel, fp32: bool = False) -> Program:
     check_supported(qm)
     x, times, t0 = example_input(qm), {}, time.perf_counter()
     if fp32:
-        ep = torch.export.export(QMModule(qm).eval(), (x,), strict=False)
+        ep = torch.export.export(QMModule(qm, fp32=True).eval(), (x,), strict=False)
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
         times["export+lower"] = time.perf_counter() - t0
     else:

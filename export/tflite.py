@@ -52,7 +52,9 @@ INT8_VERSIONS = {
     # op_version.cc: int8 without align_corners / half_pixel_centers
     "RESIZE_NEAREST_NEIGHBOR": 2,
 }
-INT32_VERSIONS = {"ADD": 1}  # the table index's int32 ADD (op_version.cc: ADD is 2 for int8 only)
+# int32 ops (the table index's ADD, the integer softmax): op_version.cc's version 1 for int32 operands, except
+# GATHER (its int32-params rule is version 1 too) — no quantized operand, no new kernel features
+INT32_VERSIONS = {"ADD": 1, "SUB": 1, "MUL": 1, "REDUCE_MAX": 1, "SUM": 1, "FLOOR_DIV": 1, "MINIMUM": 1, "GATHER": 1}
 FP32_VERSION = 1
 FUSED = {"none": tfl.ActivationFunctionType.NONE, "relu": tfl.ActivationFunctionType.RELU,
          "relu6": tfl.ActivationFunctionType.RELU6,
@@ -507,6 +509,45 @@ def _concat(c: _Ctx, op: Op) -> None:
            tfl.ConcatenationOptionsT(axis=op.attrs["axis"]), c.version("CONCATENATION"))
 
 
+def _softmax(c: _Ctx, op: Op) -> None:
+    """calibration.reference.softmax in int32 builtins: CAST → REDUCE_MAX → SUB → ADD 255 → GATHER (the QM's exp
+    table) → SUM → MUL 2^8 + FLOOR_DIV(sum, 2) → FLOOR_DIV by the sum → SUB 128 → MINIMUM 127 → CAST to int8. Not
+    TFLite's SOFTMAX: its int8 kernels (reference and optimized) are not ExecuTorch's, which this matches."""
+    x, y = op.inputs[0], op.outputs[0]
+    if c.fp32:
+        c.g.op("SOFTMAX", [c.activation(x)], [c.activation(y)], tfl.SoftmaxOptionsT(beta=1.0), FP32_VERSION)
+        return
+    shape = list(c.qm.tensors[x].shape)
+
+    def t32(name: str, dims: list[int]) -> str:
+        c.g.tensor(f"{y}/{name}", dims, "int32")
+        return f"{y}/{name}"
+
+    row = [shape[0], 1]
+    codes, top, diff, index, exp, total, half, scaled, num, ratio, shifted, capped = (
+        t32(n, d) for n, d in (("codes", shape), ("max", row), ("diff", shape), ("index", shape), ("exp", shape),
+                               ("sum", row), ("half", row), ("scaled", shape), ("num", shape), ("ratio", shape),
+                               ("shifted", shape), ("capped", shape)))
+    axis = c.int32_const(f"{y}/axis", [1])
+    table = c.int32_const(f"{y}/exp_table", op.attrs["exp_table"])
+    v = INT32_VERSIONS
+    c.g.op("CAST", [c.activation(x)], [codes], tfl.CastOptionsT(inDataType=tfl.TensorType.INT8,
+                                                                 outDataType=tfl.TensorType.INT32), c.version("CAST"))
+    c.g.op("REDUCE_MAX", [codes, axis], [top], tfl.ReducerOptionsT(keepDims=True), v["REDUCE_MAX"])
+    c.g.op("SUB", [codes, top], [diff], tfl.SubOptionsT(), v["SUB"])
+    c.g.op("ADD", [diff, c.int32_const(f"{y}/255", [255])], [index], tfl.AddOptionsT(), v["ADD"])
+    c.g.op("GATHER", [table, index], [exp], tfl.GatherOptionsT(axis=0, batchDims=0), v["GATHER"])
+    c.g.op("SUM", [exp, axis], [total], tfl.ReducerOptionsT(keepDims=True), v["SUM"])
+    c.g.op("FLOOR_DIV", [total, c.int32_const(f"{y}/2", [2])], [half], None, v["FLOOR_DIV"])
+    c.g.op("MUL", [exp, c.int32_const(f"{y}/256", [256])], [scaled], tfl.MulOptionsT(), v["MUL"])
+    c.g.op("ADD", [scaled, half], [num], tfl.AddOptionsT(), v["ADD"])
+    c.g.op("FLOOR_DIV", [num, total], [ratio], None, v["FLOOR_DIV"])
+    c.g.op("SUB", [ratio, c.int32_const(f"{y}/128", [128])], [shifted], tfl.SubOptionsT(), v["SUB"])
+    c.g.op("MINIMUM", [shifted, c.int32_const(f"{y}/127", [127])], [capped], None, v["MINIMUM"])
+    c.g.op("CAST", [capped], [c.activation(y)], tfl.CastOptionsT(inDataType=tfl.TensorType.INT32,
+                                                                  outDataType=tfl.TensorType.INT8), c.version("CAST"))
+
+
 def _gather(c: _Ctx, op: Op) -> None:
     # a channel shuffle / chunk / slice: GATHER on the channel axis with constant int32 indices; the output
     # shares the input's (scale, zp) (the QM guarantees it), so TFLite copies codes
@@ -523,7 +564,7 @@ EMITTERS = {
     "max_pool2d": lambda c, op: _pool(c, op, "MAX_POOL_2D"),
     "avg_pool2d": lambda c, op: _pool(c, op, "AVERAGE_POOL_2D"), **dict.fromkeys(TABLE_OPS, _table),
     **dict.fromkeys(CLAMP_OPS, _clamp), "resize_nearest": _resize_nearest, "pad": _pad,
-    "reshape": _reshape, "concat": _concat, "gather": _gather,
+    "reshape": _reshape, "concat": _concat, "gather": _gather, "softmax": _softmax,
 }
 
 

@@ -201,6 +201,22 @@ class PReluNet(nn.Module):
         return self.head(self.act(self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))))
 
 
+class SoftmaxNet(nn.Module):
+    """LeNet as tutorials write it, ending in F.softmax(x, dim=1): probabilities out, an integer softmax op (its
+    output fixed at scale 1/256, zero point -128)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 5), nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2 = nn.Linear(16 * 5 * 5, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        return F.softmax(self.fc2(x), dim=1)
+
+
 class TorchPoolNet(nn.Module):
     """Pools as user code writes them: functions (pytorch-cifar's ResNet ends in F.avg_pool2d(out, 4)), ceil-mode
     max pools on an odd map (extra bottom/right padding that is TFLite SAME) and on an even one with padding (not
@@ -390,4 +406,5 @@ USER_NETS: dict[str, type[nn.Module]] = {
     "flatnet": FlatNet, "firenet": FireNet, "swishnet": SwishNet, "groupnet": GroupNet, "shufflenet": ShuffleNet,
     "picknet": PickNet, "elunet": EluNet, "torchpoolnet": TorchPoolNet, "padnet": PadNet, "spellednet": SpelledNet,
     "preactnet": PreActNet, "widepoolnet": WidePoolNet, "dualpathnet": DualPathNet,
-    "upsamplenet": UpsampleNet, "mishnet": MishNet, "prelunet": PReluNet}
+    "upsamplenet": UpsampleNet, "mishnet": MishNet, "prelunet": PReluNet,
+    "softmaxnet": SoftmaxNet}

@@ -1028,3 +1028,44 @@ def test_clamps_with_any_bounds_are_hardtanh_table_ops(calib_images, test_images
     next(op for op in bad.ops if op.kind == "hardtanh").attrs.update(min=2.0, max=1.0)
     with pytest.raises(UserError, match="hardtanh needs finite bounds"):
         bad.validate()
+
+
+class _ChannelSoftmax(nn.Module):
+    def __init__(self, log: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.log = log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return F.log_softmax(y.mean((2, 3)), dim=1) if self.log else F.softmax(y, dim=1).mean((2, 3))
+
+
+def test_softmax_is_an_integer_op_with_fixed_output_parameters(calib_images, test_images):
+    """A classifier's final F.softmax(x, dim=1): an integer softmax op (the sim is the integer reference, see
+    _user_net_qm), output fixed at (1/256, -128), probabilities within a code of torch's from the same logits codes,
+    each row summing to 1 within rounding; at 4-bit activations (1/16, -8). A softmax over a 4-D map's channels and
+    log_softmax are refused by name."""
+    from tests.nets import SoftmaxNet
+
+    torch.manual_seed(0)
+    qm = _user_net_qm(SoftmaxNet(), calib_images, test_images)
+    op = qm.ops[-1]
+    assert op.kind == "softmax" and qm.output_qparams() == (1 / 256, -128)
+    assert op.attrs["exp_table"][-1] == 2**22 and op.attrs["exp_table"][0] < op.attrs["exp_table"][-1]
+    images = test_images[0][:64]
+    probs, env = reference.run(qm, images, capture=True)
+    s, zp = qm.tensors[op.inputs[0]].qparams
+    logits = (env[op.inputs[0]].astype(np.float64) - zp) * s
+    want = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    got = (probs.astype(np.float64) + 128) / 256
+    assert np.abs(got - want).max() <= 1 / 256 and np.abs(got.sum(1) - 1).max() <= 10 / 512
+    torch.manual_seed(0)
+    qm4 = calibrate(SoftmaxNet(), calib_images, act_bits=4, progress=False)
+    assert qm4.output_qparams() == (1 / 16, -8)
+    codes = simulate(qm4, images).astype(np.int64)
+    assert codes.min() >= -8 and codes.max() <= 7 and np.abs((codes + 8).sum(1) - 16).max() <= 5
+    with pytest.raises(UserError, match=r"softmax over dim 1 of a 4-D tensor"):
+        calibrate(_ChannelSoftmax(), calib_images[:8], progress=False)
+    with pytest.raises(UserError, match="log_softmax"):
+        calibrate(_ChannelSoftmax(log=True), calib_images[:8], progress=False)

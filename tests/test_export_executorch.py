@@ -397,6 +397,24 @@ def test_prelu_net_runs_code_for_code_in_one_delegate(tmp_path: Path) -> None:
     assert np.array_equal(et, LiteRTRunner(build_tflite(qm), "xnnpack")(input_codes(images)))
 
 
+def test_softmax_net_runs_its_integer_softmax_code_for_code_beside_the_delegate(tmp_path: Path) -> None:
+    """SoftmaxNet's F.softmax is the integer softmax on the portable kernels (float64 / int64 steps after the
+    delegate's dequantize: no conv or add outside it); the runtime's probabilities are the sim's and LiteRT
+    XNNPACK's, code for code; the fp32 twin runs XNNPACK's softmax in its one delegate."""
+    from export.tflite import LiteRTRunner, build_tflite
+
+    d = program("softmaxnet").delegation
+    assert d["outside_delegate"]["aten_index_tensor"] == 1 and d["outside_delegate"]["aten_amax_default"] == 1
+    assert d["compute_outside_delegate"] == {}
+    qm, images, et = _run_et("softmaxnet", tmp_path)
+    assert qm.ops[-1].kind == "softmax" and qm.output_qparams() == (1 / 256, -128)
+    assert np.array_equal(et, simulate(qm, images, rounding="executorch"))
+    assert np.array_equal(et, LiteRTRunner(build_tflite(qm), "xnnpack")(input_codes(images)))
+    probs = (et.astype(np.int64) + 128).sum(axis=1)
+    assert np.all(np.abs(probs - 256) <= 10)  # each row sums to 1 within rounding (10 classes, ±0.5 code each)
+    assert E.lower(qm, fp32=True).delegation["outside_delegate"] == {}
+
+
 def test_executorch_hardswish_table_is_not_tflites() -> None:
     """The fp32 hardswish ExecuTorch runs and TFLite's int16 fixed-point HARD_SWISH differ on some codes (why the
     TFLite writer writes the table instead of HARD_SWISH)."""
