@@ -252,6 +252,10 @@ class QuantizedModel:
                         isinstance(v, int) and 0 <= v <= table[-1] for v in table) or table[-1] * shape[-1] >= 2**31:
                     raise UserError(f"{where}: softmax needs a [1, C] input and attrs.exp_table, 256 non-negative ints "
                                     "whose largest (the last) times C is below 2^31")
+                out = self.tensors[op.outputs[0]]
+                if out.qparams != (1.0 / (1 << out.bits), -(1 << (out.bits - 1))):
+                    raise UserError(f"{where}: softmax output {op.outputs[0]!r} has (scale, zp) {out.qparams}; the "
+                                    f"integer softmax writes codes at (1/{1 << out.bits}, {-(1 << (out.bits - 1))})")
             if op.kind == "softplus":
                 beta, threshold = op.attrs.get("beta"), op.attrs.get("threshold")
                 if not all(isinstance(v, int | float) and np.isfinite(v) for v in (beta, threshold)) or beta <= 0:

@@ -444,8 +444,8 @@ class QMQuantizer(Quantizer):
                     imap[n.args[1]] = self.weight(op.inputs[1])  # the bias stays float: XNNPACK derives it
                 if role == "pad":
                     out = self.act(acts[0])
-                elif role == "compute" and fuse and "act" in roles or role == "inner" and n is not chain[-1] or (
-                        role == "compute" and "inner" in roles):
+                elif role == "inner" and n is not chain[-1] or role == "compute" and (
+                        "inner" in roles or fuse and "act" in roles):
                     out = None
                 else:
                     out = self.act(op.outputs[0])
