@@ -3,7 +3,8 @@
 Predicted (GHN-Q) or perturbed weights come without meaningful BN statistics, so `recalibrate_bn` resets
 them and recomputes them as a cumulative average (momentum=None) over the calibration batches, with every
 other layer in eval mode. `fold_conv_bn` rewrites a traced graph so every conv → BN pair becomes one conv
-with bias (float64 arithmetic, then float32): w' = w·γ/√(σ²+ε), b' = (b − μ)·γ/√(σ²+ε) + β.
+with bias (float64 arithmetic, then float32): w' = w·γ/√(σ²+ε), b' = (b − μ)·γ/√(σ²+ε) + β; Linear → BatchNorm1d
+likewise.
 """
 
 from __future__ import annotations
@@ -46,12 +47,13 @@ def recalibrate_bn(model: nn.Module, images: np.ndarray, batch_size: int = BN_BA
 
 def has_placeholder_bn(model: nn.Module) -> bool:
     """True when the model has BN layers and every one still holds torch's initial statistics (mean 0, var 1)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None]
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and m.running_mean is not None]
     return bool(bns) and all(bool((m.running_mean == 0).all() and (m.running_var == 1).all()) for m in bns)
 
 
-def fold_weights(w: torch.Tensor, b: torch.Tensor | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w', b') of the conv that equals conv(w, b) followed by `bn` in eval mode."""
+def fold_weights(w: torch.Tensor, b: torch.Tensor | None, bn: nn.BatchNorm2d | nn.BatchNorm1d
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w', b') of the conv (or Linear) that equals layer(w, b) followed by `bn` in eval mode."""
     w64 = w.detach().double()
     b64 = b.detach().double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(b64)
@@ -62,23 +64,34 @@ def fold_weights(w: torch.Tensor, b: torch.Tensor | None, bn: nn.BatchNorm2d) ->
     return w_f.to(w.dtype), b_f.to(w.dtype)
 
 
+# (layer, the BN after it that folds into it): conv → BatchNorm2d, and Linear → BatchNorm1d on its [N, C] output
+# (the "BN neck" of face-recognition and MLP heads)
+FOLDABLE = ((nn.Conv2d, nn.BatchNorm2d), (nn.Linear, nn.BatchNorm1d))
+
+
 def fold_conv_bn(gm: fx.GraphModule) -> fx.GraphModule:
-    """Fold every conv → BatchNorm2d pair of a traced module in place (the BN node disappears)."""
+    """Fold every conv → BatchNorm2d and Linear → BatchNorm1d pair of a traced module in place (the BN node
+    disappears)."""
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        layer_type = next((lt for lt, bt in FOLDABLE if type(bn) is bt), None)
+        if layer_type is None:
             continue
         prev = node.args[0]
         if not (isinstance(prev, fx.Node) and prev.op == "call_module"
-                and isinstance(modules.get(prev.target), nn.Conv2d) and len(prev.users) == 1):
-            continue  # a BN that does not follow a conv is reported by the converter
-        conv, bn = modules[prev.target], modules[node.target]
+                and isinstance(modules.get(prev.target), layer_type) and len(prev.users) == 1):
+            continue  # a BN that does not follow its layer is reported by the converter
+        conv = modules[prev.target]
         if bn.running_mean is None or bn.running_var is None:
             raise UserError(f"{node.target}: BatchNorm without running statistics cannot be folded; "
                             "use --bn-recalibrate or a model with track_running_stats=True")
         w, b = fold_weights(conv.weight, conv.bias, bn)
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                          conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+        if isinstance(conv, nn.Linear):
+            fused = nn.Linear(conv.in_features, conv.out_features, bias=True)
+        else:
+            fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
         fused.weight.data.copy_(w)
         fused.bias.data.copy_(b)
         _set_module(gm, prev.target, fused)

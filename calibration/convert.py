@@ -52,7 +52,8 @@ from ghnq.movement import ValueProp, advance, is_movement
 from ghnq.spelled import fold_spelled_activations
 
 SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d (folded into a Conv2d before it, else a "
-             "1×1 depthwise conv), ReLU (fused into the layer before it, else a standalone clamp), "
+             "1×1 depthwise conv), BatchNorm1d right after a Linear (folded), "
+             "ReLU (fused into the layer before it, else a standalone clamp), "
              "ReLU6 (or Hardtanh(0, 6)), Hardswish (or x * relu6(x + 3) / 6), Sigmoid, SiLU, Tanh, LeakyReLU, "
              "ELU, GELU, Mish, Softplus, PReLU, Hardtanh / clamp (any bounds), "
              "Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, softmax over the features of [N, C], "

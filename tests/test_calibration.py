@@ -1069,3 +1069,32 @@ def test_softmax_is_an_integer_op_with_fixed_output_parameters(calib_images, tes
         calibrate(_ChannelSoftmax(), calib_images[:8], progress=False)
     with pytest.raises(UserError, match="log_softmax"):
         calibrate(_ChannelSoftmax(log=True), calib_images[:8], progress=False)
+
+
+class _BNNeck(nn.Module):
+    """A face-recognition style head: Linear → BatchNorm1d (→ ReLU) → Linear → BatchNorm1d; `loose` puts a
+    BatchNorm1d after a flatten, with no Linear before it."""
+
+    def __init__(self, loose: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc1, self.bn1 = nn.Linear(16, 32), nn.BatchNorm1d(32)
+        self.fc2, self.bn2 = nn.Linear(32, 10), nn.BatchNorm1d(10)
+        self.loose = nn.BatchNorm1d(16) if loose else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.loose(F.adaptive_avg_pool2d(self.conv(x), 1).flatten(1))
+        return self.bn2(self.fc2(F.relu(self.bn1(self.fc1(x)))))
+
+
+def test_batchnorm1d_after_a_linear_folds_into_it(calib_images, test_images):
+    """Linear → BatchNorm1d folds like conv → BatchNorm2d (the float graph is the model, see _user_net_qm; the BN
+    statistics are re-estimated like BatchNorm2d's); a BatchNorm1d after anything else is refused by name."""
+    torch.manual_seed(0)
+    m = _BNNeck()
+    qm = _user_net_qm(m, calib_images, test_images)
+    assert [op.kind for op in qm.ops] == ["conv2d", "mean", "reshape", "fully_connected", "fully_connected"]
+    assert qm.ops[3].attrs["fused"] == "relu"
+    assert float(m.bn1.running_var.mean()) != 1.0  # measured statistics, not torch's placeholders
+    with pytest.raises(UserError, match="'loose'.*module BatchNorm1d"):
+        calibrate(_BNNeck(loose=True), calib_images[:8], progress=False)
