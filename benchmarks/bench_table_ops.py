@@ -3,10 +3,10 @@
     python -m benchmarks.bench_table_ops [--trials 20] [--seed 0] [--kinds elu,gelu] [--json out/table_ops.json]
 
 For each op kind and each of `--trials` random (input scale, zero point, output scale, zero point) draws (and a
-random LeakyReLU slope / ELU alpha / Softplus beta and threshold), one single-op QuantizedModel is written as a
-`.tflite` and a `.pte` and run on all 256 input codes: LiteRT (reference kernels and the default XNNPACK path)
-and the ExecuTorch XNNPACK runtime.
-Counted: codes where a runtime differs from calibration.reference.table_for (the table both writers carry or
+random LeakyReLU slope / ELU, CELU alpha / Softplus beta and threshold / PReLU slope / Hardtanh bounds), one
+single-op QuantizedModel is written as a `.tflite` and a `.pte` and run on all 256 input codes: LiteRT (reference
+kernels and the default XNNPACK path) and the ExecuTorch XNNPACK runtime.
+Counted: codes where a runtime differs from calibration.reference.op_table (the table both writers carry or
 compute), and, for scale, codes where the table differs from torch's own float32 evaluation of the function (how
 often the "correctly rounded float32" choice of calibration.sim.et_table is visible at all).
 """
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from calibration.qmodel import TABLE_OPS, Op, QuantizedModel, Tensor
-from calibration.reference import table_for
+from calibration.reference import op_table
 from calibration.sim import table_function
 from ghnq.fileio import atomic_write_text
 
@@ -32,7 +32,10 @@ def _draw(rng: np.random.Generator, kind: str) -> tuple[tuple[float, int], tuple
     s_in = float(np.float32(np.exp(rng.uniform(np.log(0.005), np.log(0.2)))))
     s_out = float(np.float32(np.exp(rng.uniform(np.log(0.002), np.log(0.1)))))
     attrs = ({"alpha": round(float(rng.uniform(0.01, 0.3)), 3)} if kind == "leaky_relu" else
-             {"alpha": round(float(rng.uniform(0.2, 2.0)), 3)} if kind == "elu" else
+             {"alpha": round(float(rng.uniform(0.2, 2.0)), 3)} if kind in ("elu", "celu") else
+             {"alpha": [round(float(a), 3) for a in rng.uniform(-0.5, 1.5, 1)]} if kind == "prelu" else
+             {"min": round(float(rng.uniform(-2.0, 0.0)), 3), "max": round(float(rng.uniform(0.1, 3.0)), 3)}
+             if kind == "hardtanh" else
              {"beta": round(float(rng.uniform(0.5, 3.0)), 3), "threshold": round(float(rng.uniform(1.0, 20.0)), 3)}
              if kind == "softplus" else {})
     return (s_in, int(rng.integers(-128, 128))), (s_out, int(rng.integers(-128, 128))), attrs
@@ -69,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                 qi, qo, attrs = _draw(rng, kind)
                 t = {n: Tensor(n, [1, 16, 16, 1], "int8", np.array([s], np.float32), np.array([zp]))
                      for n, (s, zp) in (("x", qi), ("y", qo))}
-                qm = QuantizedModel([Op(kind, ["x"], ["y"], dict(attrs))], t, "x", "y")
-                want = table_for(kind, qi, qo, **attrs)
+                op = Op(kind, ["x"], ["y"], dict(attrs))
+                qm = QuantizedModel([op], t, "x", "y")
+                want = op_table(op, qi, qo).ravel()
                 prog = lower(qm)
                 path = Path(tmp) / "m.pte"
                 path.write_bytes(prog.data)

@@ -55,7 +55,7 @@ SUPPORTED = ("Conv2d (regular, grouped or depthwise), Linear, BatchNorm2d (folde
              "1×1 depthwise conv), BatchNorm1d right after a Linear (folded), "
              "ReLU (fused into the layer before it, else a standalone clamp), "
              "ReLU6 (or Hardtanh(0, 6)), Hardswish (or x * relu6(x + 3) / 6), Sigmoid, SiLU, Tanh, LeakyReLU, "
-             "ELU, GELU, Mish, Softplus, PReLU, Hardtanh / clamp (any bounds), "
+             "ELU, SELU, CELU, GELU, Mish, Softplus, Softsign, PReLU, Hardtanh / clamp (any bounds), "
              "Hardsigmoid (or relu6(x + 3) / 6) right after a Conv2d/Linear, softmax over the features of [N, C], "
              "tensor + / - tensor, "
              "tensor * tensor, a number times / divided into / added to / subtracted from a Conv2d / Linear / BN "
@@ -350,6 +350,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return "leaky_relu", {"alpha": float(mod.negative_slope)}
         if isinstance(mod, nn.ELU):
             return "elu", {"alpha": float(mod.alpha)}
+        if isinstance(mod, nn.CELU):
+            return "celu", {"alpha": float(mod.alpha)}
         if isinstance(mod, nn.PReLU):
             return _prelu(mod.weight)
         if isinstance(mod, nn.Softmax):
@@ -404,6 +406,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return "leaky_relu", {"alpha": float(args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01))}
         if target is F.elu:
             return "elu", {"alpha": float(args[1] if len(args) > 1 else kwargs.get("alpha", 1.0))}
+        if target in (F.celu, torch.celu):
+            return "celu", {"alpha": float(args[1] if len(args) > 1 else kwargs.get("alpha", 1.0))}
         if _prelu_weight(node) is not None:
             return _prelu(node.graph.owning_module.get_parameter(_prelu_weight(node).target))
         if target in (F.softmax, torch.softmax):
@@ -463,9 +467,10 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
 # Elementwise functions lowered to table ops (qmodel.TABLE_OPS); leaky_relu and elu also carry their alpha,
 # softplus its beta and threshold.
 _TABLE_MODULES = {nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.Tanh: "tanh",
-                  nn.Mish: "mish"}
+                  nn.Mish: "mish", nn.SELU: "selu", nn.Softsign: "softsign"}
 _TABLE_FUNCTIONS = {F.hardswish: "hardswish", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.silu: "silu",
-                    torch.tanh: "tanh", F.tanh: "tanh", F.mish: "mish"}
+                    torch.tanh: "tanh", F.tanh: "tanh", F.mish: "mish", F.selu: "selu", torch.selu: "selu",
+                    F.softsign: "softsign"}
 
 
 def _pool(node: fx.Node, kind: str, a: dict, fail) -> tuple[str, dict]:

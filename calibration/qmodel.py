@@ -41,13 +41,15 @@ Ops (`Op.kind`, inputs, attrs); `attrs["fused"]` in {"none", "relu", "relu6", "r
                                TFLite SAME semantics); output shares the input's (scale, zp)
   avg_pool2d        [x]        kernel, stride, padding; divides by the number of in-range positions (TFLite);
                                output shares the input's (scale, zp)
-  hardswish, sigmoid, silu, tanh, leaky_relu, gelu, elu, mish, softplus, prelu, hardtanh (TABLE_OPS; erf gelu)
+  hardswish, sigmoid, silu, tanh, leaky_relu, gelu, elu, mish, softplus, prelu, hardtanh, selu, celu, softsign
+  (TABLE_OPS; gelu: the erf form)
                     [x]        elementwise, own output (scale, zp); leaky_relu has `alpha` (the negative slope),
                                elu its `alpha` (x < 0: alpha · (exp(x) − 1)), softplus `beta` and `threshold`
                                (log(1 + exp(beta · x)) / beta, and x itself where beta · x > threshold: torch's);
                                prelu is leaky_relu with one `alpha` per channel (a list, one table per channel);
                                hardtanh clamps to [`min`, `max`] (either may be None: open), with its own output
-                               (scale, zp), unlike the relu / relu6 clamps below.
+                               (scale, zp), unlike the relu / relu6 clamps below; celu has `alpha`; selu and softsign
+                               are torch's.
                                Each is one int8 → int8 function: a 256-entry table of output codes
                                (calibration.reference.table_for), which the TFLite writer writes as a GATHER
                                and ExecuTorch's XNNPACK delegate computes in float32 code for code
@@ -127,7 +129,7 @@ VERSION = 1
 WEIGHTED_OPS = ("conv2d", "depthwise_conv2d", "fully_connected")  # inputs: (x, int8 weight[, int32 bias])
 # Elementwise int8 → int8 functions every runtime evaluates as the same 256-entry table (see reference.table_for).
 TABLE_OPS = ("hardswish", "sigmoid", "silu", "tanh", "leaky_relu", "gelu", "elu", "mish", "softplus", "prelu",
-             "hardtanh")
+             "hardtanh", "selu", "celu", "softsign")
 CLAMP_OPS = ("relu", "relu6")  # standalone activations: a clamp of the codes, output shares the input's (scale, zp)
 OP_KINDS = (*WEIGHTED_OPS, "add", "sub", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, *CLAMP_OPS,
             "resize_nearest", "pad", "reshape", "concat", "gather", "softmax")
@@ -229,11 +231,13 @@ class QuantizedModel:
                 if c_in % c_per or c_out % (c_in // c_per):
                     raise UserError(f"{where}: weight {op.inputs[1]!r} has {c_per} input channels for a {c_in}-channel "
                                     f"input and {c_out} outputs; groups (= {c_in} / {c_per}) must divide both")
-            if op.kind in ("leaky_relu", "elu"):
+            if op.kind in ("leaky_relu", "elu", "celu"):
                 alpha = op.attrs.get("alpha")
                 if not isinstance(alpha, int | float) or not np.isfinite(alpha):
                     what = "negative slope" if op.kind == "leaky_relu" else "alpha (the negative saturation)"
                     raise UserError(f"{where}: attrs.alpha={alpha!r}; {op.kind} needs a finite {what}")
+                if op.kind == "celu" and alpha == 0:
+                    raise UserError(f"{where}: attrs.alpha=0; celu divides by its alpha")
             if op.kind == "prelu":
                 alpha, c = op.attrs.get("alpha"), self.tensors[op.inputs[0]].shape[-1]
                 if not isinstance(alpha, list) or len(alpha) != c or not all(

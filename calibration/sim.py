@@ -88,8 +88,14 @@ def _repeat(x: torch.Tensor, factor: list[int]) -> torch.Tensor:
     return x.repeat_interleave(factor[0], dim=2).repeat_interleave(factor[1], dim=3)
 
 
+SELU_ALPHA, SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946  # torch's
+
+
 def table_function(kind: str, attrs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
     """The float function of a table op (qmodel.TABLE_OPS)."""
+    if kind == "celu":
+        alpha = float(attrs["alpha"])
+        return lambda x: F.celu(x, alpha)
     if kind == "leaky_relu":
         alpha = float(attrs["alpha"])
         return lambda x: F.leaky_relu(x, alpha)
@@ -106,7 +112,7 @@ def table_function(kind: str, attrs: dict) -> Callable[[torch.Tensor], torch.Ten
         beta, threshold = float(attrs["beta"]), float(attrs["threshold"])
         return lambda x: F.softplus(x, beta, threshold)
     return {"hardswish": F.hardswish, "sigmoid": torch.sigmoid, "silu": F.silu, "tanh": torch.tanh,
-            "gelu": F.gelu, "mish": F.mish}[kind]
+            "gelu": F.gelu, "mish": F.mish, "selu": F.selu, "softsign": F.softsign}[kind]
 
 
 def run_op(op: Op, args: list[torch.Tensor]) -> torch.Tensor:

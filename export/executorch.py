@@ -92,7 +92,8 @@ SUPPORTED = (*WEIGHTED_OPS, "add", "sub", "mul", "mean", "max_pool2d", "avg_pool
 # op): the float32 cast of that is the correctly rounded float32 value, which is exactly calibration.sim.et_table.
 # A hardtanh with its own output scale runs there too: XNNPACK's clamp config would take it as an int8 clamp,
 # which keeps its input's scale.
-FLOAT64_PORTABLE = ("mish", "softplus", "hardtanh")
+# So do SELU, CELU and Softsign, which XNNPACK has no config for either.
+FLOAT64_PORTABLE = ("mish", "softplus", "hardtanh", "selu", "celu", "softsign")
 OUTSIDE_DELEGATE = ("elu", *FLOAT64_PORTABLE)
 FP32_ONLY = (*(k for k in TABLE_OPS if k not in OUTSIDE_DELEGATE), "avg_pool2d", "pad")
 # Compute ops that must end up inside the XNNPACK delegate (edge-dialect op names of get_delegation_info).

@@ -32,6 +32,7 @@ from ai_edge_litert import schema_py_generated as tfl
 
 from calibration.qmodel import CLAMP_OPS, TABLE_OPS, Op, QuantizedModel, Tensor
 from calibration.reference import op_table
+from calibration.sim import SELU_ALPHA, SELU_SCALE
 from export.pipeline import Built, add_common_args, check_requantization, run_export, runtime_refusal
 from export.verify import Runners
 from ghnq.cli import UserError, drop_native_log_lines, run_cli
@@ -413,18 +414,15 @@ def _fp32_table_op(c: _Ctx, op: Op) -> None:
         c.g.op("LEAKY_RELU", [x], [y], tfl.LeakyReluOptionsT(alpha=float(op.attrs["alpha"])), FP32_VERSION)
     elif op.kind == "gelu":
         c.g.op("GELU", [x], [y], tfl.GeluOptionsT(approximate=False), FP32_VERSION)
-    elif op.kind == "elu":  # LiteRT's kernels have no ELU builtin: RELU(x) + alpha · (EXP(MINIMUM(x, 0)) − 1)
+    elif op.kind in ("elu", "selu", "celu"):
+        _fp32_elu(c, op, x, y)
+    elif op.kind == "softsign":  # x / (1 + |x|)
         out, shape = op.outputs[0], list(c.qm.tensors[op.outputs[0]].shape)
-        neg, exp, less, scaled, pos = (c.activation(f"{out}/{p}", shape, like=out)
-                                       for p in ("neg", "exp", "expm1", "scaled", "relu"))
-        for name, value in (("zero", 0.0), ("one", 1.0), ("alpha", float(op.attrs["alpha"]))):
-            c.g.tensor(f"{out}/{name}", [1], "float32", data=np.array([value], np.float32))
-        c.g.op("MINIMUM", [x, f"{out}/zero"], [neg], None, FP32_VERSION)
-        c.g.op("EXP", [neg], [exp], None, FP32_VERSION)
-        c.g.op("SUB", [exp, f"{out}/one"], [less], tfl.SubOptionsT(), FP32_VERSION)
-        c.g.op("MUL", [less, f"{out}/alpha"], [scaled], tfl.MulOptionsT(), FP32_VERSION)
-        c.g.op("RELU", [x], [pos], None, FP32_VERSION)
-        c.g.op("ADD", [pos, scaled], [y], tfl.AddOptionsT(), FP32_VERSION)
+        mag, den = (c.activation(f"{out}/{p}", shape, like=out) for p in ("abs", "den"))
+        c.g.tensor(f"{out}/one", [1], "float32", data=np.array([1.0], np.float32))
+        c.g.op("ABS", [x], [mag], None, FP32_VERSION)
+        c.g.op("ADD", [mag, f"{out}/one"], [den], tfl.AddOptionsT(), FP32_VERSION)
+        c.g.op("DIV", [x, den], [y], tfl.DivOptionsT(), FP32_VERSION)
     elif op.kind == "prelu":
         alpha = np.array(op.attrs["alpha"], np.float32)
         c.g.tensor(f"{op.outputs[0]}/alpha", [len(alpha)], "float32", data=alpha)
@@ -448,6 +446,30 @@ def _fp32_table_op(c: _Ctx, op: Op) -> None:
     else:
         code = {"hardswish": "HARD_SWISH", "sigmoid": "LOGISTIC", "tanh": "TANH"}[op.kind]
         c.g.op(code, [x], [y], None, FP32_VERSION)
+
+
+def _fp32_elu(c: _Ctx, op: Op, x: str, y: str) -> None:
+    """ELU / SELU / CELU in TFLite float builtins (LiteRT's kernels have no ELU builtin):
+    scale · (RELU(x) + alpha · (EXP(MINIMUM(x, 0) / input_scale) − 1)), torch's constants for SELU, input_scale =
+    alpha for CELU."""
+    alpha = float(op.attrs.get("alpha", 1.0))
+    scale, input_scale = {"elu": (1.0, 1.0), "selu": (SELU_SCALE, 1.0), "celu": (1.0, alpha)}[op.kind]
+    if op.kind == "selu":
+        alpha = SELU_ALPHA
+    out, shape = op.outputs[0], list(c.qm.tensors[op.outputs[0]].shape)
+    neg, shrunk, exp, less, scaled, pos, total = (c.activation(f"{out}/{p}", shape, like=out)
+                                                  for p in ("neg", "shrunk", "exp", "expm1", "scaled", "relu", "sum"))
+    for name, value in (("zero", 0.0), ("one", 1.0), ("alpha", alpha), ("inv_input_scale", 1.0 / input_scale),
+                        ("scale", scale)):
+        c.g.tensor(f"{out}/{name}", [1], "float32", data=np.array([value], np.float32))
+    c.g.op("MINIMUM", [x, f"{out}/zero"], [neg], None, FP32_VERSION)
+    c.g.op("MUL", [neg, f"{out}/inv_input_scale"], [shrunk], tfl.MulOptionsT(), FP32_VERSION)
+    c.g.op("EXP", [shrunk], [exp], None, FP32_VERSION)
+    c.g.op("SUB", [exp, f"{out}/one"], [less], tfl.SubOptionsT(), FP32_VERSION)
+    c.g.op("MUL", [less, f"{out}/alpha"], [scaled], tfl.MulOptionsT(), FP32_VERSION)
+    c.g.op("RELU", [x], [pos], None, FP32_VERSION)
+    c.g.op("ADD", [pos, scaled], [total], tfl.AddOptionsT(), FP32_VERSION)
+    c.g.op("MUL", [total, f"{out}/scale"], [y], tfl.MulOptionsT(), FP32_VERSION)
 
 
 def _fp32_softplus(c: _Ctx, op: Op, x: str, y: str, beta: float, threshold: float) -> None:

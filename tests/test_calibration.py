@@ -266,7 +266,8 @@ def test_exact_integer_accumulators(cin, groups, wmax):
 TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.2}),
           ("gelu", {}), ("elu", {"alpha": 1.0}), ("elu", {"alpha": 0.4}),
           ("mish", {}), ("softplus", {"beta": 1.0, "threshold": 20.0}), ("softplus", {"beta": 2.0, "threshold": 3.0}),
-          ("hardtanh", {"min": -0.5, "max": 1.25}), ("hardtanh", {"min": None, "max": 2.0})]
+          ("hardtanh", {"min": -0.5, "max": 1.25}), ("hardtanh", {"min": None, "max": 2.0}),
+          ("selu", {}), ("celu", {"alpha": 0.7}), ("softsign", {})]
 
 
 @pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + "".join(f"-{v}" for v in a.values()) for k, a in TABLES])
@@ -1098,3 +1099,33 @@ def test_batchnorm1d_after_a_linear_folds_into_it(calib_images, test_images):
     assert float(m.bn1.running_var.mean()) != 1.0  # measured statistics, not torch's placeholders
     with pytest.raises(UserError, match="'loose'.*module BatchNorm1d"):
         calibrate(_BNNeck(loose=True), calib_images[:8], progress=False)
+
+
+class _SmoothActs(nn.Module):
+    """SELU, CELU and Softsign as modules and functions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.selu, self.celu, self.softsign = nn.SELU(), nn.CELU(0.5), nn.Softsign()
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.selu(self.c1(x))
+        y = self.celu(self.c2(y)) + F.selu(y)
+        y = self.softsign(self.c3(y)) * F.celu(y, alpha=2.0) + F.softsign(y)
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def test_selu_celu_softsign_are_table_ops(calib_images, test_images):
+    """SELU, CELU (with its alpha) and Softsign, modules and functions: table ops (the float graph is the model, the
+    sim is the integer reference, see _user_net_qm); a CELU with alpha 0 (a division by it) is refused."""
+    torch.manual_seed(0)
+    qm = _user_net_qm(_SmoothActs(), calib_images, test_images)
+    kinds = [op.kind for op in qm.ops]
+    assert {k: kinds.count(k) for k in ("selu", "celu", "softsign")} == {"selu": 2, "celu": 2, "softsign": 2}
+    assert sorted(op.attrs["alpha"] for op in qm.ops if op.kind == "celu") == [0.5, 2.0]
+    bad = copy.deepcopy(qm)
+    next(op for op in bad.ops if op.kind == "celu").attrs["alpha"] = 0.0
+    with pytest.raises(UserError, match="celu divides by its alpha"):
+        bad.validate()

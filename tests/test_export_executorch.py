@@ -322,7 +322,8 @@ def test_fp32_ops_inside_the_delegate_alone(s_in: float, zp_in: int, s_out: floa
 TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.1}),
           ("gelu", {}), ("elu", {"alpha": 1.0}), ("elu", {"alpha": 0.5}),
           ("mish", {}), ("softplus", {"beta": 1.0, "threshold": 20.0}), ("softplus", {"beta": 2.0, "threshold": 3.0}),
-          ("hardtanh", {"min": -0.5, "max": 1.25}), ("hardtanh", {"min": None, "max": 2.0})]
+          ("hardtanh", {"min": -0.5, "max": 1.25}), ("hardtanh", {"min": None, "max": 2.0}),
+          ("selu", {}), ("celu", {"alpha": 0.7}), ("softsign", {})]
 
 
 @pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + "".join(f"-{v}" for v in a.values()) for k, a in TABLES])
@@ -343,9 +344,10 @@ def test_table_op_in_executorch_on_every_code(kind: str, attrs: dict, qi: tuple[
     if kind in E.FLOAT64_PORTABLE:  # decomposed, in float64, every node outside the delegate
         assert E.fp32_inside_delegate(qm) == {}
         outside = prog.delegation["outside_delegate"]
-        parts = {"aten_clamp_default"} if kind == "hardtanh" else {"aten_exp_default", "aten_log1p_default",
-                                                                   "aten_where_self"}
-        assert parts <= set(outside)
+        parts = {"hardtanh": {"aten_clamp_default"}, "selu": {"aten_elu_default"}, "softsign": {"aten_abs_default"},
+                 "celu": {"aten_expm1_default"}}.get(kind, {"aten_exp_default", "aten_log1p_default",
+                                                            "aten_where_self"})
+        assert parts <= set(outside), outside
         assert outside["dim_order_ops__to_dim_order_copy_default"] >= 2  # the casts to float64 and back
         assert prog.delegation["compute_outside_delegate"] == {}  # (mish's mul is its own, in float64)
     elif kind in E.OUTSIDE_DELEGATE:

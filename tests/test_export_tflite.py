@@ -239,7 +239,8 @@ def test_xnnpack_within_one_step_per_op(name: str) -> None:
 TABLES = [("hardswish", {}), ("sigmoid", {}), ("silu", {}), ("tanh", {}), ("leaky_relu", {"alpha": 0.1}),
           ("gelu", {}), ("elu", {"alpha": 1.0}), ("elu", {"alpha": 0.4}),
           ("mish", {}), ("softplus", {"beta": 1.0, "threshold": 20.0}), ("softplus", {"beta": 2.0, "threshold": 3.0}),
-          ("hardtanh", {"min": -0.5, "max": 1.25}), ("hardtanh", {"min": None, "max": 2.0})]
+          ("hardtanh", {"min": -0.5, "max": 1.25}), ("hardtanh", {"min": None, "max": 2.0}),
+          ("selu", {}), ("celu", {"alpha": 0.7}), ("softsign", {})]
 
 
 @pytest.mark.parametrize("kind, attrs", TABLES, ids=[k + "".join(f"-{v}" for v in a.values()) for k, a in TABLES])
