@@ -221,6 +221,8 @@ class PopulationFitness:
                 self.last_use[n] = i
         self.last_use[qm.output] = len(qm.ops)
         self.out_scale, self.out_zp = qm.output_qparams()
+        # a model that ends in softmax outputs probabilities: its fitness scores their logarithm, not a softmax of them
+        self.probabilities = qm.producer(qm.output).kind == "softmax"
         self._cache: tuple[Any, int, dict[str, torch.Tensor]] | None = None
         self._context = [torch.from_numpy(qm.tensors[k].data.copy()) for k in layout.keys]
 
@@ -299,6 +301,8 @@ class PopulationFitness:
         """(fitness to minimize [P], accuracy [P]) of each individual on one mini-batch."""
         q = self.logit_codes(x_codes, codes, batch_id)
         logits = (q.to(torch.float32) - self.out_zp) * self.out_scale
+        if self.probabilities:  # log p as the scores (code 0, p < half a step, counts as half a step)
+            logits = torch.log(logits.clamp_min(self.out_scale / 2))
         P, B, C = logits.shape
         y = labels.to(logits.device)
         loss = F.cross_entropy(logits.reshape(P * B, C), y.repeat(P), reduction="none").view(P, B).mean(1)

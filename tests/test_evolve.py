@@ -91,6 +91,23 @@ def test_population_fitness_is_the_sim(tiny, subset, rounding: str) -> None:
         pf.set_context(context.float())
 
 
+def test_fitness_of_a_model_ending_in_softmax_scores_its_log_probabilities(subset) -> None:
+    """A QM whose output is an integer softmax: the fitness is the cross-entropy of log p (p = the output codes'
+    probabilities, a zero code counted as half a step), not a softmax of the probabilities again."""
+    from tests.nets import SoftmaxNet
+
+    torch.manual_seed(0)
+    qm = calibrate(SoftmaxNet(), subset[0][:128], weight_bits=4, progress=False)
+    pf = PopulationFitness(qm, Layout.of(qm))
+    x, y = torch.from_numpy(input_codes(subset[0][:64])), torch.from_numpy(subset[1][:64]).long()
+    loss, acc = pf.fitness(x, y, {})
+    p = (Simulator(qm).forward(x).double() + 128) / 256
+    logp = torch.log(p.clamp_min(1 / 512))
+    want = (torch.logsumexp(logp, 1) - logp.gather(1, y[:, None])[:, 0]).mean()
+    assert pf.probabilities and torch.allclose(loss.double(), want.view(1), atol=1e-5)
+    assert float(acc) == float((p.argmax(1) == y).double().mean())
+
+
 def test_search_improves_fitness_with_integer_weights_only(tiny, subset, monkeypatch) -> None:
     _, _, qm = tiny
     cfg = EvolveConfig(pop=8, group_size=64, groups_per_round=4, gens=3, batch=64, monitor_images=512, seed=0)
