@@ -42,6 +42,7 @@ from calibration.qmodel import (
     Op,
     QuantizedModel,
     Tensor,
+    softmax_qparams,
 )
 from calibration.reference import nearest_source_index, softmax_exp_table
 from calibration.sim import run_ops
@@ -395,9 +396,9 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
         if target is F.relu6:
             return "relu6", {}
         if target is F.hardtanh:
-            return _hardtanh(node, *_hardtanh_bounds(args, kwargs), fail)
+            return _hardtanh(node, *_bounds(args, kwargs, ("min_val", "max_val"), (-1.0, 1.0)), fail)
         if target in (torch.clamp, torch.clip):
-            return _hardtanh(node, *_clamp_arguments(args, kwargs), fail)
+            return _hardtanh(node, *_bounds(args, kwargs), fail)
         if target in _TABLE_FUNCTIONS:
             return _TABLE_FUNCTIONS[target], {}
         if target is F.gelu:
@@ -408,8 +409,8 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
             return "elu", {"alpha": float(args[1] if len(args) > 1 else kwargs.get("alpha", 1.0))}
         if target in (F.celu, torch.celu):
             return "celu", {"alpha": float(args[1] if len(args) > 1 else kwargs.get("alpha", 1.0))}
-        if _prelu_weight(node) is not None:
-            return _prelu(node.graph.owning_module.get_parameter(_prelu_weight(node).target))
+        if (weight := _prelu_weight(node)) is not None:
+            return _prelu(node.graph.owning_module.get_parameter(weight.target))
         if target in (F.softmax, torch.softmax):
             return _softmax(node, args[1] if len(args) > 1 else kwargs.get("dim"), kwargs, fail)
         if target is F.softplus:
@@ -454,7 +455,7 @@ def _lower(node: fx.Node, mod: nn.Module | None, target: object, fail, values: C
         if node.target == "softmax":
             return _softmax(node, args[1] if len(args) > 1 else kwargs.get("dim"), kwargs, fail)
         if node.target in ("clamp", "clamp_", "clip", "clip_"):
-            return _hardtanh(node, *_clamp_arguments(args, kwargs), fail)
+            return _hardtanh(node, *_bounds(args, kwargs), fail)
         if node.target == "add":
             return "add", {"fused": "none"}
         if node.target == "sub":
@@ -608,17 +609,11 @@ def _prelu(weight: torch.Tensor) -> tuple[str, dict]:
     return ("leaky_relu", {"alpha": alpha[0]}) if len(alpha) == 1 else ("prelu", {"alpha": alpha})
 
 
-def _hardtanh_bounds(args: tuple, kwargs: dict) -> tuple[object, object]:
-    lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
-    hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
-    return lo, hi
-
-
-def _clamp_arguments(args: tuple, kwargs: dict) -> tuple[object, object]:
-    """(min, max) of torch.clamp / x.clamp (and clip) as written: numbers, None or anything else."""
-    lo = args[1] if len(args) > 1 else kwargs.get("min")
-    hi = args[2] if len(args) > 2 else kwargs.get("max")
-    return lo, hi
+def _bounds(args: tuple, kwargs: dict, names: tuple[str, str] = ("min", "max"),
+            defaults: tuple[object, object] = (None, None)) -> tuple[object, object]:
+    """(lo, hi) of a clamp as written (numbers, None or anything else): torch.clamp / x.clamp / clip's min and
+    max, or F.hardtanh's min_val and max_val (default ±1)."""
+    return tuple(args[i + 1] if len(args) > i + 1 else kwargs.get(names[i], defaults[i]) for i in range(2))
 
 
 def _hardtanh(node: fx.Node, lo: object, hi: object, fail) -> tuple[str, dict]:
@@ -920,7 +915,8 @@ def quantize(g: FloatGraph, act_qparams: dict[str, tuple[float, int, float, floa
         elif op.attrs.get("fused") == "relu_0_to_1":
             act(out, unit_scale, -(1 << (act_bits - 1)), act_bits, 0.0, 1.0)
         elif op.kind == "softmax":  # probabilities: scale 1/2^bits, the lowest code is 0
-            act(out, 1.0 / (1 << act_bits), -(1 << (act_bits - 1)), act_bits, 0.0, 1.0 - 1.0 / (1 << act_bits))
+            scale, zp = softmax_qparams(act_bits)
+            act(out, scale, zp, act_bits, 0.0, 1.0 - scale)
         else:
             act(out, *act_qparams[out][:2], act_bits, *act_qparams[out][2:])
         if op.kind in WEIGHTED_OPS:

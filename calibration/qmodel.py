@@ -134,6 +134,13 @@ CLAMP_OPS = ("relu", "relu6")  # standalone activations: a clamp of the codes, o
 OP_KINDS = (*WEIGHTED_OPS, "add", "sub", "mul", "mean", "max_pool2d", "avg_pool2d", *TABLE_OPS, *CLAMP_OPS,
             "resize_nearest", "pad", "reshape", "concat", "gather", "softmax")
 FUSED = ("none", "relu", "relu6", "relu_0_to_1")
+
+
+def softmax_qparams(bits: int) -> tuple[float, int]:
+    """The integer softmax's fixed output (scale, zero point): 1/2^bits, with probability 0 at the lowest code."""
+    return 1.0 / (1 << bits), -(1 << (bits - 1))
+
+
 WEIGHT_BITS = (8, 6, 4, 2)
 INPUT_SCALE = float(np.float32(1.0 / 255.0))
 INPUT_ZERO_POINT = 0  # real value (pixel - 128) / 255: the padding value (real 0) is pixel 128, near the mean
@@ -257,9 +264,9 @@ class QuantizedModel:
                     raise UserError(f"{where}: softmax needs a [1, C] input and attrs.exp_table, 256 non-negative ints "
                                     "whose largest (the last) times C is below 2^31")
                 out = self.tensors[op.outputs[0]]
-                if out.qparams != (1.0 / (1 << out.bits), -(1 << (out.bits - 1))):
+                if out.qparams != softmax_qparams(out.bits):
                     raise UserError(f"{where}: softmax output {op.outputs[0]!r} has (scale, zp) {out.qparams}; the "
-                                    f"integer softmax writes codes at (1/{1 << out.bits}, {-(1 << (out.bits - 1))})")
+                                    f"integer softmax writes codes at {softmax_qparams(out.bits)}")
             if op.kind == "softplus":
                 beta, threshold = op.attrs.get("beta"), op.attrs.get("threshold")
                 if not all(isinstance(v, int | float) and np.isfinite(v) for v in (beta, threshold)) or beta <= 0:

@@ -524,8 +524,8 @@ def et_table(kind: str, q_in: tuple[float, int], q_out: tuple[float, int], **par
     code, quantized, as ExecuTorch's delegate runs it (every one is FP32-only in its partitioner configs).
       hardswish: `et_hardswish_table` (the float32 evaluation order matters on ties);
       leaky_relu: x < 0 ? x · float32(alpha) : x, in float32 (XNNPACK's f32 kernel: one rounding);
-      sigmoid, silu, tanh, gelu, elu, mish, softplus, hardtanh: the correctly rounded float32 value of the function
-        (evaluated in float64; `params` are the op's attrs: alpha, or softplus's beta and threshold).
+      the others: the correctly rounded float32 value of the function (evaluated in float64; `params` are the op's
+        attrs: alpha, softplus's beta and threshold, hardtanh's min and max).
         XNNPACK evaluates them with float32 approximations of its own, within a few ulps; the quantized code differs
         only where y / s_out is within ~1e-5 of a rounding tie. Measured: the runtime's codes equal this table on
         every code of every (scale, zero point) tried (tests/test_export_executorch.py,

@@ -205,6 +205,11 @@ class _Ctx:
         self.g.tensor(name, list(data.shape), "int32", data=data)
         return name
 
+    def float32_const(self, name: str, value: float) -> str:
+        """A one-element float32 constant (an fp32 twin's operand, broadcast by the op)."""
+        self.g.tensor(name, [1], "float32", data=np.array([value], np.float32))
+        return name
+
 
 def _where(op: Op) -> str:
     return f"{op.kind} ({op.source or '?'})"
@@ -419,9 +424,8 @@ def _fp32_table_op(c: _Ctx, op: Op) -> None:
     elif op.kind == "softsign":  # x / (1 + |x|)
         out, shape = op.outputs[0], list(c.qm.tensors[op.outputs[0]].shape)
         mag, den = (c.activation(f"{out}/{p}", shape, like=out) for p in ("abs", "den"))
-        c.g.tensor(f"{out}/one", [1], "float32", data=np.array([1.0], np.float32))
         c.g.op("ABS", [x], [mag], None, FP32_VERSION)
-        c.g.op("ADD", [mag, f"{out}/one"], [den], tfl.AddOptionsT(), FP32_VERSION)
+        c.g.op("ADD", [mag, c.float32_const(f"{out}/one", 1.0)], [den], tfl.AddOptionsT(), FP32_VERSION)
         c.g.op("DIV", [x, den], [y], tfl.DivOptionsT(), FP32_VERSION)
     elif op.kind == "prelu":
         alpha = np.array(op.attrs["alpha"], np.float32)
@@ -431,9 +435,8 @@ def _fp32_table_op(c: _Ctx, op: Op) -> None:
         out, shape, src = op.outputs[0], list(c.qm.tensors[op.outputs[0]].shape), x
         steps = [(code, v) for code, v in (("MAXIMUM", op.attrs["min"]), ("MINIMUM", op.attrs["max"])) if v is not None]
         for i, (code, v) in enumerate(steps):
-            c.g.tensor(f"{out}/{code.lower()}_bound", [1], "float32", data=np.array([v], np.float32))
             dst = y if i == len(steps) - 1 else c.activation(f"{out}/{code.lower()}", shape, like=out)
-            c.g.op(code, [src, f"{out}/{code.lower()}_bound"], [dst], None, FP32_VERSION)
+            c.g.op(code, [src, c.float32_const(f"{out}/{code.lower()}_bound", v)], [dst], None, FP32_VERSION)
             src = dst
     elif op.kind == "softplus":
         _fp32_softplus(c, op, x, y, float(op.attrs["beta"]), float(op.attrs["threshold"]))
@@ -461,7 +464,7 @@ def _fp32_elu(c: _Ctx, op: Op, x: str, y: str) -> None:
                                                   for p in ("neg", "shrunk", "exp", "expm1", "scaled", "relu", "sum"))
     for name, value in (("zero", 0.0), ("one", 1.0), ("alpha", alpha), ("inv_input_scale", 1.0 / input_scale),
                         ("scale", scale)):
-        c.g.tensor(f"{out}/{name}", [1], "float32", data=np.array([value], np.float32))
+        c.float32_const(f"{out}/{name}", value)
     c.g.op("MINIMUM", [x, f"{out}/zero"], [neg], None, FP32_VERSION)
     c.g.op("MUL", [neg, f"{out}/inv_input_scale"], [shrunk], tfl.MulOptionsT(), FP32_VERSION)
     c.g.op("EXP", [shrunk], [exp], None, FP32_VERSION)
@@ -481,7 +484,7 @@ def _fp32_softplus(c: _Ctx, op: Op, x: str, y: str, beta: float, threshold: floa
     above = f"{out}/above"
     c.g.tensor(above, shape, "bool")
     for name, value in (("beta", beta), ("threshold", threshold), ("one", 1.0), ("inv_beta", 1.0 / beta)):
-        c.g.tensor(f"{out}/{name}", [1], "float32", data=np.array([value], np.float32))
+        c.float32_const(f"{out}/{name}", value)
     c.g.op("MUL", [x, f"{out}/beta"], [z], tfl.MulOptionsT(), FP32_VERSION)
     c.g.op("MINIMUM", [z, f"{out}/threshold"], [clipped], None, FP32_VERSION)
     c.g.op("EXP", [clipped], [exp], None, FP32_VERSION)

@@ -55,12 +55,12 @@ def _plus_three(n: object) -> fx.Node | None:
     return x if isinstance(x, fx.Node) and _number(c) == 3.0 else None
 
 
-def is_clamp(n: fx.Node) -> bool:
+def _is_clamp(n: fx.Node) -> bool:
     return (n.op == "call_function" and n.target in (torch.clamp, torch.clip)) or (
         n.op == "call_method" and n.target in ("clamp", "clamp_", "clip", "clip_"))
 
 
-def clamp_bounds(n: fx.Node, modules: dict[str, nn.Module]) -> tuple:
+def _clamp_bounds(n: fx.Node, modules: dict[str, nn.Module]) -> tuple:
     """(lo, hi) of a clamp in any spelling (None for an open side), () for anything else."""
     if n.op == "call_module":
         m = modules.get(n.target)
@@ -69,7 +69,7 @@ def clamp_bounds(n: fx.Node, modules: dict[str, nn.Module]) -> tuple:
         return (m.min_val, m.max_val) if isinstance(m, nn.Hardtanh) else ()
     if n.op == "call_function" and n.target is F.relu6:
         return (0.0, 6.0)
-    if is_clamp(n) or (n.op == "call_function" and n.target is F.hardtanh):
+    if _is_clamp(n) or (n.op == "call_function" and n.target is F.hardtanh):
         names = ("min_val", "max_val") if n.target is F.hardtanh else ("min", "max")
         rest = list(n.args[1:3]) + [None] * (2 - len(n.args[1:3]))
         return tuple(_number(rest[i] if rest[i] is not None else n.kwargs.get(names[i])) for i in range(2))
@@ -78,7 +78,7 @@ def clamp_bounds(n: fx.Node, modules: dict[str, nn.Module]) -> tuple:
 
 def _relu6_input(n: object, modules: dict[str, nn.Module]) -> fx.Node | None:
     """x for a single-use relu6(x) in any of its spellings."""
-    if not _single_use(n) or clamp_bounds(n, modules) != (0.0, 6.0):
+    if not _single_use(n) or _clamp_bounds(n, modules) != (0.0, 6.0):
         return None
     return n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
 
@@ -167,7 +167,7 @@ def fold_spelled_activations(graph: fx.Graph, modules: dict[str, nn.Module]) -> 
                 count += 1
                 break
         else:
-            bounds = clamp_bounds(n, modules) if is_clamp(n) and isinstance(n.args[0], fx.Node) else ()
+            bounds = _clamp_bounds(n, modules) if _is_clamp(n) and isinstance(n.args[0], fx.Node) else ()
             function = {(0.0, 6.0): F.relu6, (0.0, None): F.relu}.get(bounds)
             if function is not None:
                 _replace(graph, n, function, n.args[0], gone)
